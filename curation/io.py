@@ -1,0 +1,94 @@
+"""Storage helpers: atomic writes and success markers on local paths or any fsspec URL."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from curation.layout import SUCCESS_MARKER, join
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a path or URL, plus the path as that filesystem spells it."""
+    fs, p = fsspec.core.url_to_fs(path)
+    return fs, p
+
+
+def is_local(path: str) -> bool:
+    return isinstance(filesystem(path)[0], LocalFileSystem)
+
+
+@contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary sibling path; on success move it over `path` (atomic on local disks)."""
+    fs, p = filesystem(path)
+    parent = p.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{p.rsplit('/', 1)[-1]}"
+    try:
+        yield tmp
+        if isinstance(fs, LocalFileSystem):
+            os.replace(tmp, p)
+        else:
+            fs.mv(tmp, p)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+
+
+def write_parquet(table: pa.Table, path: str) -> None:
+    """Write a parquet table atomically (zstd)."""
+    fs, _ = filesystem(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", filesystem=fs)
+
+
+def write_bytes(data: bytes, path: str) -> None:
+    fs, _ = filesystem(path)
+    with atomic_path(path) as tmp, fs.open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_json(obj: Any, path: str) -> None:
+    write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), path)
+
+
+def read_json(path: str) -> Any:
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return json.loads(f.read())
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return bool(fs.exists(p))
+
+
+def remove(path: str) -> None:
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def write_marker(partition_dir: str, stats: dict[str, Any]) -> None:
+    """Write the success marker last: its presence means every other file of the partition is final."""
+    write_json(stats, join(partition_dir, SUCCESS_MARKER))
+
+
+def read_marker(partition_dir: str) -> dict[str, Any] | None:
+    path = join(partition_dir, SUCCESS_MARKER)
+    return read_json(path) if exists(path) else None
+
+
+def clear_partition(partition_dir: str) -> None:
+    """Remove a partition folder before it is rebuilt, so a rerun replaces it exactly."""
+    remove(partition_dir)

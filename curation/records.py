@@ -1,0 +1,58 @@
+"""Column names, statuses and reasons shared by every stage: the lake's vocabulary in one place."""
+
+from __future__ import annotations
+
+# Partition identity columns carried by every per-partition table.
+CRAWL = "crawl"
+SEGMENT = "segment"
+
+# pairs
+UID = "uid"
+URL = "url"
+TEXT = "text"
+PAGE_URL = "page_url"
+LANGUAGE = "language"
+LANGUAGE_SCORE = "language_score"
+WAT_FILE = "wat_file"
+WAT_RECORD = "wat_record"
+WARC_DATE = "warc_date"
+
+PAIRS_COLUMNS = (UID, URL, TEXT, PAGE_URL, LANGUAGE, LANGUAGE_SCORE, CRAWL, SEGMENT, WAT_FILE, WAT_RECORD,
+                 WARC_DATE)
+
+# downloads
+STATUS = "status"
+ERROR = "error"
+HTTP_STATUS = "http_status"
+FINAL_URL = "final_url"
+ORIGINAL_WIDTH = "original_width"
+ORIGINAL_HEIGHT = "original_height"
+WIDTH = "width"
+HEIGHT = "height"
+SHA256 = "sha256"
+SHARD = "shard"
+KEY = "key"
+
+STATUS_SUCCESS = "success"
+STATUS_FAILED_DOWNLOAD = "failed_to_download"
+STATUS_FAILED_RESIZE = "failed_to_resize"
+STATUS_BLOCKED = "blocked"
+
+# Extraction drop reasons, counted per WAT file (LAION rules plus our input-integrity reasons).
+DROP_NOT_IMAGE_LINK = "not_img_src"
+DROP_DATA_URI = "data_uri"
+DROP_JAVASCRIPT = "javascript_uri"
+DROP_SCHEME = "unsupported_scheme"
+DROP_SVG = "svg"
+DROP_GIF = "gif"
+DROP_URL_TOO_LONG = "url_too_long"
+DROP_BAD_HOST = "bad_host"
+DROP_SHORT_ALT = "short_alt"
+DROP_DUPLICATE = "duplicate_in_partition"
+DROP_SEEN_BEFORE = "seen_in_earlier_partition"
+BAD_GZIP_MEMBER = "corrupt_gzip_member"
+BAD_JSON = "malformed_json"
+BAD_ENCODING = "non_utf8"
+BAD_RECORD = "malformed_record"
+TRUNCATED_FILE = "truncated_file"
+DROP_BLOCKED_URL = "blocked_url_substring"  # a configured blocked substring other than .svg/.gif

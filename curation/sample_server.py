@@ -1,0 +1,219 @@
+"""Serves a generated sample web on loopback with the HTTP behaviour its truth names per URL.
+
+One threaded HTTP server per host in the manifest (127.0.0.1, 127.0.0.2, …), all on the manifest's
+port. Behaviours are listed in `curation.sample_web.HTTP_BEHAVIOURS`; this module is their only
+implementation. Every request is counted per (host, path) so tests can prove what was (not) fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pyarrow.parquet as pq
+
+from curation.io import read_json
+from curation.sample_web import SLOW_SECONDS
+
+CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+REDIRECT_HOPS = 2
+LOOP_PREFIX = "/_loop/"
+HOP_PREFIX = "/_hop/"
+
+
+@dataclass(frozen=True)
+class Route:
+    behaviour: str
+    file: Path | None
+    fmt: str | None
+
+
+def _key(host: str, path: str) -> tuple[str, str]:
+    return host, unquote(path)
+
+
+def load_routes(root: Path) -> dict[tuple[str, str], Route]:
+    """(host, unquoted path) -> Route, from the sample web's truth table."""
+    table = pq.read_table(root / "truth.parquet", columns=["url", "http_behavior", "file", "format"])
+    routes: dict[tuple[str, str], Route] = {}
+    for row in table.to_pylist():
+        parts = urlsplit(row["url"])
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            continue
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        file = root / row["file"] if row["file"] else None
+        routes[_key(parts.hostname, path)] = Route(row["http_behavior"], file, row["format"])
+    return routes
+
+
+class SampleWebServer:
+    """The running servers; use `serve_sample_web` to start and stop them."""
+
+    def __init__(self, root: Path, port: int | None = None, hosts: tuple[str, ...] | None = None) -> None:
+        manifest: dict[str, Any] = read_json(str(root / "manifest.json"))
+        self.root = root
+        self.port = int(port if port is not None else manifest["port"])
+        self.hosts = tuple(hosts if hosts is not None else manifest["hosts"])
+        self.routes = load_routes(root)
+        self.tokens = {hashlib.sha1(f"{h}{p}".encode()).hexdigest()[:16]: (h, p) for h, p in self.routes}
+        self.hits: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+        self._servers: list[ThreadingHTTPServer] = []
+        self._threads: list[threading.Thread] = []
+
+    def record(self, host: str, path: str) -> None:
+        with self._lock:
+            self.hits[(host, path)] += 1
+
+    @property
+    def total_hits(self) -> int:
+        with self._lock:
+            return sum(self.hits.values())
+
+    def start(self) -> None:
+        handler = _make_handler(self)
+        for host in self.hosts:
+            try:
+                server = ThreadingHTTPServer((host, self.port), handler)
+            except OSError as exc:
+                self.stop()
+                raise OSError(f"cannot serve the sample web on {host}:{self.port}: {exc}. Is another "
+                              f"server running? Pick another port with --port.") from exc
+            server.daemon_threads = True
+            thread = threading.Thread(target=server.serve_forever, name=f"sample-web-{host}", daemon=True)
+            thread.start()
+            self._servers.append(server)
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers.clear()
+        self._threads.clear()
+
+
+def _make_handler(web: SampleWebServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "sample-web/1"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet: tests read `hits` instead
+            return
+
+        def _host(self) -> str:
+            return str(self.server.server_address[0])
+
+        def _send(self, status: int, body: bytes = b"", ctype: str = "text/plain",
+                  headers: dict[str, str] | None = None, length: int | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body) if length is None else length))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
+
+        def do_GET(self) -> None:
+            host, path = self._host(), self.path
+            web.record(host, path)
+            if path.startswith(HOP_PREFIX):
+                self._hop(path)
+                return
+            if path.startswith(LOOP_PREFIX):
+                n = int(path[len(LOOP_PREFIX):].split("/", 1)[0] or 0)
+                self._send(302, headers={"Location": f"{LOOP_PREFIX}{n + 1}"})
+                return
+            route = web.routes.get(_key(host, path))
+            if route is None:
+                self._send(404, b"not found")
+                return
+            self._serve(host, path, route)
+
+        def _hop(self, path: str) -> None:
+            _, _, n, token = path.split("/", 3)
+            if token not in web.tokens:
+                self._send(404, b"unknown hop")
+                return
+            h, p = web.tokens[token]
+            if int(n) > 1:
+                self._send(301, headers={"Location": f"{HOP_PREFIX}{int(n) - 1}/{token}"})
+                return
+            self._serve(h, p, web.routes[(h, p)], final=True)
+
+        def _serve(self, host: str, path: str, route: Route, final: bool = False) -> None:
+            b = route.behaviour
+            if b == "not_found":
+                self._send(404, b"File not found")
+                return
+            if b == "server_error":
+                self._send(500, b"Internal Server Error")
+                return
+            if b == "redirect_loop":
+                self._send(302, headers={"Location": f"{LOOP_PREFIX}0"})
+                return
+            if b == "redirect" and not final:
+                token = hashlib.sha1(f"{host}{unquote(path)}".encode()).hexdigest()[:16]
+                self._send(302, headers={"Location": f"{HOP_PREFIX}{REDIRECT_HOPS}/{token}"})
+                return
+            if route.file is None:
+                self._send(404, b"not found")
+                return
+            data = route.file.read_bytes()
+            ctype = CONTENT_TYPES.get(route.fmt or "", "application/octet-stream")
+            headers: dict[str, str] = {}
+            if b == "slow":
+                time.sleep(SLOW_SECONDS)
+            elif b == "x_robots_noai":
+                headers["X-Robots-Tag"] = "noai, noimageai"
+            elif b == "x_robots_nofollow":
+                headers["X-Robots-Tag"] = "nofollow"
+            elif b == "wrong_content_type":
+                ctype = "text/plain"
+            elif b in ("not_an_image", "corrupt"):
+                ctype = "image/jpeg"
+            if b == "truncated":
+                # Promise the whole file, send half, then close: the client sees an incomplete body.
+                self.close_connection = True
+                self._send(200, data[: len(data) // 2], ctype, headers, length=len(data))
+                return
+            self._send(200, data, ctype, headers)
+
+    return Handler
+
+
+@contextmanager
+def serve_sample_web(root: str | Path, port: int | None = None,
+                     hosts: tuple[str, ...] | None = None) -> Iterator[SampleWebServer]:
+    """Serve the sample web at `root` for the duration of the block."""
+    web = SampleWebServer(Path(root), port, hosts)
+    web.start()
+    try:
+        yield web
+    finally:
+        web.stop()
+
+
+def serve_forever(root: str | Path, port: int | None = None) -> None:
+    """Serve until interrupted (the `curation serve-sample-web` command)."""
+    with serve_sample_web(root, port) as web:
+        print(f"serving the sample web from {root} on " + ", ".join(f"http://{h}:{web.port}/" for h in web.hosts),
+              flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
