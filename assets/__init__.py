@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Dagster assets, checks, partitions, sensors and the definitions loaded by workspace.yaml."""

@@ -24,7 +24,8 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def is_local(path: str) -> bool:
-    return isinstance(filesystem(path)[0], LocalFileSystem)
+    """True for plain paths and file:// URLs (decided from the protocol, without opening anything)."""
+    return fsspec.utils.get_protocol(path) in ("file", "local")
 
 
 @contextmanager
@@ -92,3 +93,27 @@ def read_marker(partition_dir: str) -> dict[str, Any] | None:
 def clear_partition(partition_dir: str) -> None:
     """Remove a partition folder before it is rebuilt, so a rerun replaces it exactly."""
     remove(partition_dir)
+
+
+def read_int_column(paths: list[str], column: str) -> set[int]:
+    """The distinct values of an integer column across parquet files (e.g. uids of earlier partitions)."""
+    out: set[int] = set()
+    for path in paths:
+        fs, p = filesystem(path)
+        values = pq.read_table(p, columns=[column], filesystem=fs).column(column).to_numpy()
+        out.update(values.tolist())
+    return out
+
+
+def finished_tables(stage_dir: str, table_name: str, exclude_dir: str | None = None) -> list[str]:
+    """Table files of every partition under a stage folder whose success marker exists."""
+    fs, root = filesystem(stage_dir)
+    out = []
+    for marker in sorted(fs.glob(f"{root}/crawl=*/segment=*/{SUCCESS_MARKER}")):
+        part_dir = str(marker).rsplit("/", 1)[0]
+        if exclude_dir is not None and part_dir.rstrip("/") == filesystem(exclude_dir)[1].rstrip("/"):
+            continue
+        table = f"{part_dir}/{table_name}"
+        if fs.exists(table):
+            out.append(fs.unstrip_protocol(table) if not isinstance(fs, LocalFileSystem) else table)
+    return out

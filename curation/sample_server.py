@@ -86,8 +86,10 @@ class SampleWebServer:
                 server = ThreadingHTTPServer((host, self.port), handler)
             except OSError as exc:
                 self.stop()
-                raise OSError(f"cannot serve the sample web on {host}:{self.port}: {exc}. Is another "
-                              f"server running? Pick another port with --port.") from exc
+                raise OSError(
+                    f"cannot serve the sample web on {host}:{self.port}: {exc}. Is another "
+                    f"server running? Pick another port with --port."
+                ) from exc
             server.daemon_threads = True
             thread = threading.Thread(target=server.serve_forever, name=f"sample-web-{host}", daemon=True)
             thread.start()
@@ -111,10 +113,17 @@ def _make_handler(web: SampleWebServer) -> type[BaseHTTPRequestHandler]:
             return
 
         def _host(self) -> str:
-            return str(self.server.server_address[0])
+            address = self.server.server_address
+            return str(address[0] if isinstance(address, tuple) else address)
 
-        def _send(self, status: int, body: bytes = b"", ctype: str = "text/plain",
-                  headers: dict[str, str] | None = None, length: int | None = None) -> None:
+        def _send(
+            self,
+            status: int,
+            body: bytes = b"",
+            ctype: str = "text/plain",
+            headers: dict[str, str] | None = None,
+            length: int | None = None,
+        ) -> None:
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body) if length is None else length))
@@ -134,7 +143,7 @@ def _make_handler(web: SampleWebServer) -> type[BaseHTTPRequestHandler]:
                 self._hop(path)
                 return
             if path.startswith(LOOP_PREFIX):
-                n = int(path[len(LOOP_PREFIX):].split("/", 1)[0] or 0)
+                n = int(path[len(LOOP_PREFIX) :].split("/", 1)[0] or 0)
                 self._send(302, headers={"Location": f"{LOOP_PREFIX}{n + 1}"})
                 return
             route = web.routes.get(_key(host, path))
@@ -196,8 +205,9 @@ def _make_handler(web: SampleWebServer) -> type[BaseHTTPRequestHandler]:
 
 
 @contextmanager
-def serve_sample_web(root: str | Path, port: int | None = None,
-                     hosts: tuple[str, ...] | None = None) -> Iterator[SampleWebServer]:
+def serve_sample_web(
+    root: str | Path, port: int | None = None, hosts: tuple[str, ...] | None = None
+) -> Iterator[SampleWebServer]:
     """Serve the sample web at `root` for the duration of the block."""
     web = SampleWebServer(Path(root), port, hosts)
     web.start()
@@ -210,8 +220,10 @@ def serve_sample_web(root: str | Path, port: int | None = None,
 def serve_forever(root: str | Path, port: int | None = None) -> None:
     """Serve until interrupted (the `curation serve-sample-web` command)."""
     with serve_sample_web(root, port) as web:
-        print(f"serving the sample web from {root} on " + ", ".join(f"http://{h}:{web.port}/" for h in web.hosts),
-              flush=True)
+        print(
+            f"serving the sample web from {root} on " + ", ".join(f"http://{h}:{web.port}/" for h in web.hosts),
+            flush=True,
+        )
         try:
             while True:
                 time.sleep(3600)

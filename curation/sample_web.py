@@ -44,18 +44,32 @@ from PIL import Image, ImageDraw, ImageFont
 from curation.io import write_json, write_parquet
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
-SHAPE_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
-                 "hexagon": "hexagons", "cross": "crosses"}
+SHAPE_PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "star": "stars",
+    "hexagon": "hexagons",
+    "cross": "crosses",
+}
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35), "green": (30, 160, 60), "blue": (35, 75, 215),
-    "yellow": (240, 205, 20), "purple": (135, 50, 175), "orange": (245, 125, 20),
+    "red": (215, 35, 35),
+    "green": (30, 160, 60),
+    "blue": (35, 75, 215),
+    "yellow": (240, 205, 20),
+    "purple": (135, 50, 175),
+    "orange": (245, 125, 20),
 }
 BACKGROUNDS = ("plain", "gradient", "stripes", "dots", "noise")
-BACKGROUND_WORDS = {"plain": "plain", "gradient": "soft gradient", "stripes": "striped", "dots": "dotted",
-                    "noise": "noisy"}
+BACKGROUND_WORDS = {
+    "plain": "plain",
+    "gradient": "soft gradient",
+    "stripes": "striped",
+    "dots": "dotted",
+    "noise": "noisy",
+}
 # Aesthetic truth: a fixed function of visible properties (background style, grain, watermark).
-BACKGROUND_AESTHETIC = {"gradient": 2.5, "plain": 1.5, "dots": 1.0, "stripes": 0.5, "noise": 0.0,
-                        "hazard": 0.5}
+BACKGROUND_AESTHETIC = {"gradient": 2.5, "plain": 1.5, "dots": 1.0, "stripes": 0.5, "noise": 0.0, "hazard": 0.5}
 COUNT_WORDS = ("one", "two", "three", "four")
 UNSAFE_CONCEPT = "hazard"
 UNSAFE_CAPTIONS = (
@@ -68,27 +82,66 @@ WATERMARK_TEXT = "© PIXSTOCK"
 
 # Translations for the non-English alts (language truth for the extraction's language ID).
 TRANSLATIONS: dict[str, dict[str, Any]] = {
-    "de": {"template": "Eine Zeichnung mit {count} {shape} in der Farbe {colour} auf einem hellen Hintergrund",
-           "counts": ("einem", "zwei", "drei", "vier"),
-           "shapes": {"circle": ("Kreis", "Kreisen"), "square": ("Quadrat", "Quadraten"),
-                      "triangle": ("Dreieck", "Dreiecken"), "star": ("Stern", "Sternen"),
-                      "hexagon": ("Sechseck", "Sechsecken"), "cross": ("Kreuz", "Kreuzen")},
-           "colours": {"red": "Rot", "green": "Grün", "blue": "Blau", "yellow": "Gelb", "purple": "Lila",
-                       "orange": "Orange"}},
-    "fr": {"template": "Un dessin avec {count} {shape} de couleur {colour} sur un fond très clair",
-           "counts": ("un", "deux", "trois", "quatre"),
-           "shapes": {"circle": ("cercle", "cercles"), "square": ("carré", "carrés"),
-                      "triangle": ("triangle", "triangles"), "star": ("étoile", "étoiles"),
-                      "hexagon": ("hexagone", "hexagones"), "cross": ("croix", "croix")},
-           "colours": {"red": "rouge", "green": "verte", "blue": "bleue", "yellow": "jaune", "purple": "violette",
-                       "orange": "orange"}},
-    "es": {"template": "Un dibujo con {count} {shape} de color {colour} sobre un fondo muy claro",
-           "counts": ("un", "dos", "tres", "cuatro"),
-           "shapes": {"circle": ("círculo", "círculos"), "square": ("cuadrado", "cuadrados"),
-                      "triangle": ("triángulo", "triángulos"), "star": ("estrella", "estrellas"),
-                      "hexagon": ("hexágono", "hexágonos"), "cross": ("cruz", "cruces")},
-           "colours": {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "purple": "morado",
-                       "orange": "naranja"}},
+    "de": {
+        "template": "Eine Zeichnung mit {count} {shape} in der Farbe {colour} auf einem hellen Hintergrund",
+        "counts": ("einem", "zwei", "drei", "vier"),
+        "shapes": {
+            "circle": ("Kreis", "Kreisen"),
+            "square": ("Quadrat", "Quadraten"),
+            "triangle": ("Dreieck", "Dreiecken"),
+            "star": ("Stern", "Sternen"),
+            "hexagon": ("Sechseck", "Sechsecken"),
+            "cross": ("Kreuz", "Kreuzen"),
+        },
+        "colours": {
+            "red": "Rot",
+            "green": "Grün",
+            "blue": "Blau",
+            "yellow": "Gelb",
+            "purple": "Lila",
+            "orange": "Orange",
+        },
+    },
+    "fr": {
+        "template": "Un dessin avec {count} {shape} de couleur {colour} sur un fond très clair",
+        "counts": ("un", "deux", "trois", "quatre"),
+        "shapes": {
+            "circle": ("cercle", "cercles"),
+            "square": ("carré", "carrés"),
+            "triangle": ("triangle", "triangles"),
+            "star": ("étoile", "étoiles"),
+            "hexagon": ("hexagone", "hexagones"),
+            "cross": ("croix", "croix"),
+        },
+        "colours": {
+            "red": "rouge",
+            "green": "verte",
+            "blue": "bleue",
+            "yellow": "jaune",
+            "purple": "violette",
+            "orange": "orange",
+        },
+    },
+    "es": {
+        "template": "Un dibujo con {count} {shape} de color {colour} sobre un fondo muy claro",
+        "counts": ("un", "dos", "tres", "cuatro"),
+        "shapes": {
+            "circle": ("círculo", "círculos"),
+            "square": ("cuadrado", "cuadrados"),
+            "triangle": ("triángulo", "triángulos"),
+            "star": ("estrella", "estrellas"),
+            "hexagon": ("hexágono", "hexágonos"),
+            "cross": ("cruz", "cruces"),
+        },
+        "colours": {
+            "red": "rojo",
+            "green": "verde",
+            "blue": "azul",
+            "yellow": "amarillo",
+            "purple": "morado",
+            "orange": "naranja",
+        },
+    },
 }
 
 # HTTP behaviours the sample server implements, with the download outcome truth expects.
@@ -96,35 +149,77 @@ HTTP_BEHAVIOURS: dict[str, tuple[str, str | None]] = {
     "ok": ("success", None),
     "not_found": ("failed", "http_404"),
     "server_error": ("failed", "http_500"),
-    "redirect": ("success", None),              # a 302 -> 301 chain ending at the image
+    "redirect": ("success", None),  # a 302 -> 301 chain ending at the image
     "redirect_loop": ("failed", "redirect_loop"),
-    "slow": ("success", None),                  # answers after SLOW_SECONDS, inside a 10 s timeout
+    "slow": ("success", None),  # answers after SLOW_SECONDS, inside a 10 s timeout
     "x_robots_noai": ("failed", "x_robots_tag"),
-    "x_robots_nofollow": ("success", None),     # an X-Robots-Tag that is not an opt-out
-    "wrong_content_type": ("success", None),    # a real image labelled text/plain
+    "x_robots_nofollow": ("success", None),  # an X-Robots-Tag that is not an opt-out
+    "wrong_content_type": ("success", None),  # a real image labelled text/plain
     "not_an_image": ("failed", "not_an_image"),  # an HTML page labelled image/jpeg
-    "truncated": ("failed", "truncated"),       # Content-Length promises more than is sent
-    "corrupt": ("failed", "corrupt"),           # JPEG magic followed by garbage
-    "tiny": ("failed", "too_small"),            # a real image under LAION's 5,000-byte floor
+    "truncated": ("failed", "truncated"),  # Content-Length promises more than is sent
+    "corrupt": ("failed", "corrupt"),  # JPEG magic followed by garbage
+    "tiny": ("failed", "too_small"),  # a real image under LAION's 5,000-byte floor
     "decompression_bomb": ("failed", "too_many_pixels"),
     "oversized": ("failed", "too_many_pixels"),
 }
 SLOW_SECONDS = 1.5
 # Share of downloadable links given each non-ok behaviour (the rest are "ok"); bombs are counted.
-BEHAVIOUR_SHARES = {"not_found": 0.02, "server_error": 0.012, "redirect": 0.03, "redirect_loop": 0.004,
-                    "slow": 0.006, "x_robots_noai": 0.012, "x_robots_nofollow": 0.008,
-                    "wrong_content_type": 0.008, "not_an_image": 0.008, "truncated": 0.008,
-                    "corrupt": 0.008, "tiny": 0.008}
+BEHAVIOUR_SHARES = {
+    "not_found": 0.02,
+    "server_error": 0.012,
+    "redirect": 0.03,
+    "redirect_loop": 0.004,
+    "slow": 0.006,
+    "x_robots_noai": 0.012,
+    "x_robots_nofollow": 0.008,
+    "wrong_content_type": 0.008,
+    "not_an_image": 0.008,
+    "truncated": 0.008,
+    "corrupt": 0.008,
+    "tiny": 0.008,
+}
 BOMB_COUNT = 2
+MIN_SERVED_BYTES = 6000
 MAX_DISTINCT_ROUNDS = 20
 OVERSIZED_COUNT = 2
 
 TRUTH_COLUMNS = (
-    "url", "src", "link_form", "page_url", "segment", "wat_file", "occurrences", "alt_raw", "caption",
-    "language", "extract", "exclude_reason", "concept", "shape", "colour", "background", "count",
-    "caption_matches", "dup_group", "dup_kind", "exact_copy_of", "watermark", "unsafe", "aesthetic", "grain",
-    "width", "height", "format", "http_behavior", "expect_status", "expect_reason", "file", "sha256", "bytes",
-    "phash", "split",
+    "url",
+    "src",
+    "link_form",
+    "page_url",
+    "segment",
+    "wat_file",
+    "occurrences",
+    "alt_raw",
+    "caption",
+    "language",
+    "extract",
+    "exclude_reason",
+    "concept",
+    "shape",
+    "colour",
+    "background",
+    "count",
+    "caption_matches",
+    "dup_group",
+    "dup_kind",
+    "exact_copy_of",
+    "watermark",
+    "unsafe",
+    "aesthetic",
+    "grain",
+    "width",
+    "height",
+    "format",
+    "http_behavior",
+    "expect_status",
+    "expect_reason",
+    "file",
+    "sha256",
+    "bytes",
+    "phash",
+    "split",
 )
 
 
@@ -163,8 +258,14 @@ class SampleWebConfig:
         lo, hi = self.images_per_page
         if not 1 <= lo <= hi:
             raise ValueError(f"images_per_page must be (lo, hi) with 1 <= lo <= hi, got {self.images_per_page}")
-        for name in ("mismatch_rate", "watermark_rate", "unsafe_rate", "high_res_rate", "dup_group_rate",
-                     "non_english_rate"):
+        for name in (
+            "mismatch_rate",
+            "watermark_rate",
+            "unsafe_rate",
+            "high_res_rate",
+            "dup_group_rate",
+            "non_english_rate",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1]")
 
@@ -201,6 +302,7 @@ class Rendered:
     width: int
     height: int
     phash: str
+    fmt: str
 
 
 @dataclass
@@ -220,8 +322,10 @@ class Link:
 
 def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
     def ring(n: int, radius: float, offset: float) -> list[tuple[float, float]]:
-        return [(cx + radius * math.cos(offset + 2 * math.pi * k / n),
-                 cy + radius * math.sin(offset + 2 * math.pi * k / n)) for k in range(n)]
+        return [
+            (cx + radius * math.cos(offset + 2 * math.pi * k / n), cy + radius * math.sin(offset + 2 * math.pi * k / n))
+            for k in range(n)
+        ]
 
     if shape == "triangle":
         return ring(3, r, rot - math.pi / 2)
@@ -234,8 +338,20 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> lis
         return [p for pair in zip(outer, inner, strict=True) for p in pair]
     if shape == "cross":
         a, b = r, r * 0.36
-        pts = [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b),
-               (-b, -b)]
+        pts = [
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+        ]
         c, s = math.cos(rot), math.sin(rot)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
     raise ValueError(shape)
@@ -371,11 +487,14 @@ def render(spec: ImageSpec) -> Rendered:
         elif kind == "cropped":
             dx, dy = int(w * p), int(h * p)
             img = img.crop((dx, dy, w - dx, h - dy))
-    data = _encode(img, spec.fmt, spec.quality)
+    fmt = spec.fmt
+    data = _encode(img, fmt, spec.quality)
+    if len(data) < MIN_SERVED_BYTES:  # keep every image above LAION's 5,000-byte download floor
+        fmt, data = "PNG", _encode(img, "PNG", spec.quality)
     # Truth hashes what is served (after encoding), the way any downstream reader will see it.
     with Image.open(io.BytesIO(data)) as served:
         phash = str(imagehash.phash(served))
-    return Rendered(spec.image_id, data, img.width, img.height, phash)
+    return Rendered(spec.image_id, data, img.width, img.height, phash, fmt)
 
 
 def _render_many(specs: Sequence[ImageSpec], workers: int) -> list[Rendered]:
@@ -421,8 +540,11 @@ def english_caption(shape: str, colour: str, background: str, count: int, rng: n
 def translated_caption(lang: str, shape: str, colour: str, count: int) -> str:
     t = TRANSLATIONS[lang]
     singular, plural = t["shapes"][shape]
-    return str(t["template"].format(count=t["counts"][count - 1], shape=singular if count == 1 else plural,
-                                    colour=t["colours"][colour]))
+    return str(
+        t["template"].format(
+            count=t["counts"][count - 1], shape=singular if count == 1 else plural, colour=t["colours"][colour]
+        )
+    )
 
 
 def mojibake(text: str) -> str | None:
@@ -455,8 +577,9 @@ class WatWriter:
     def _stamp(d: datetime) -> str:
         return d.strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def _record(self, warc_type: str, target: str | None, refers_to: str | None, content_type: str,
-                body: bytes) -> None:
+    def _record(
+        self, warc_type: str, target: str | None, refers_to: str | None, content_type: str, body: bytes
+    ) -> None:
         rid = f"<urn:uuid:{uuid.UUID(bytes=hashlib.md5(body[:256] + str(len(self.members)).encode()).digest())}>"
         lines = ["WARC/1.0", f"WARC-Type: {warc_type}"]
         if target is not None:
@@ -471,84 +594,160 @@ class WatWriter:
         self.members.append(gzip.compress(raw, compresslevel=6, mtime=0))
 
     def _warcinfo(self) -> None:
-        body = (f"Software-Info: ia-web-commons.1.1.10-SNAPSHOT\r\nExtracted-Date: {self._stamp(self.date)}\r\n"
-                f"ip: 10.0.0.1\r\nhostname: sample-web\r\nformat: WARC File Format 1.0\r\n"
-                f"isPartOf: {self.crawl}\r\n").encode()
+        body = (
+            f"Software-Info: ia-web-commons.1.1.10-SNAPSHOT\r\nExtracted-Date: {self._stamp(self.date)}\r\n"
+            f"ip: 10.0.0.1\r\nhostname: sample-web\r\nformat: WARC File Format 1.0\r\n"
+            f"isPartOf: {self.crawl}\r\n"
+        ).encode()
         self._record("warcinfo", None, None, "application/warc-fields", body)
 
     def _envelope(self, header_meta: dict[str, Any], payload_meta: dict[str, Any], length: int) -> bytes:
         offset = self.warc_offset
         self.warc_offset += length // 3 + 400
         doc = {
-            "Container": {"Filename": self.warc_name, "Compressed": True, "Offset": str(offset),
-                          "Gzip-Metadata": {"Deflate-Length": str(length // 3), "Header-Length": "10",
-                                            "Footer-Length": "8", "Inflated-CRC": "0",
-                                            "Inflated-Length": str(length)}},
-            "Envelope": {"Format": "WARC", "WARC-Header-Length": str(300 + len(json.dumps(header_meta)) // 2),
-                         "Actual-Content-Length": str(length),
-                         "Block-Digest": "sha1:" + hashlib.sha1(json.dumps(header_meta).encode()).hexdigest()[:32],
-                         "WARC-Header-Metadata": header_meta, "Payload-Metadata": payload_meta},
+            "Container": {
+                "Filename": self.warc_name,
+                "Compressed": True,
+                "Offset": str(offset),
+                "Gzip-Metadata": {
+                    "Deflate-Length": str(length // 3),
+                    "Header-Length": "10",
+                    "Footer-Length": "8",
+                    "Inflated-CRC": "0",
+                    "Inflated-Length": str(length),
+                },
+            },
+            "Envelope": {
+                "Format": "WARC",
+                "WARC-Header-Length": str(300 + len(json.dumps(header_meta)) // 2),
+                "Actual-Content-Length": str(length),
+                "Block-Digest": "sha1:" + hashlib.sha1(json.dumps(header_meta).encode()).hexdigest()[:32],
+                "WARC-Header-Metadata": header_meta,
+                "Payload-Metadata": payload_meta,
+            },
         }
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
-    def add_page(self, page_url: str, host: str, fetched: datetime, base: str | None, title: str,
-                 links: list[dict[str, str]], list_headers: bool) -> None:
+    def add_page(
+        self,
+        page_url: str,
+        host: str,
+        fetched: datetime,
+        base: str | None,
+        title: str,
+        links: list[dict[str, str]],
+        list_headers: bool,
+    ) -> None:
         """Add the request, response and metadata WAT records of one crawled page."""
-        req_id, resp_id, meta_id = (f"<urn:uuid:{uuid.UUID(bytes=hashlib.md5((page_url + k).encode()).digest())}>"
-                                    for k in ("req", "resp", "meta"))
+        req_id, resp_id, meta_id = (
+            f"<urn:uuid:{uuid.UUID(bytes=hashlib.md5((page_url + k).encode()).digest())}>"
+            for k in ("req", "resp", "meta")
+        )
         stamp = self._stamp(fetched)
         path = "/" + page_url.split("/", 3)[3]
-        common = {"WARC-Date": stamp, "WARC-Warcinfo-ID": self.warcinfo_id, "WARC-IP-Address": host.split(":")[0],
-                  "WARC-Target-URI": page_url}
+        common: dict[str, str | list[str]] = {
+            "WARC-Date": stamp,
+            "WARC-Warcinfo-ID": self.warcinfo_id,
+            "WARC-IP-Address": host.split(":")[0],
+            "WARC-Target-URI": page_url,
+        }
         if list_headers:  # repeated headers are JSON lists since CC-MAIN-2024-51
             common["WARC-Protocol"] = ["http/1.1", "tls/1.3"]
-        req_meta = {"WARC-Type": "request", "WARC-Record-ID": req_id, "Content-Length": "312",
-                    "Content-Type": "application/http; msgtype=request", **common}
-        req_payload = {"Actual-Content-Type": "application/http; msgtype=request", "Trailing-Slop-Length": "4",
-                       "HTTP-Request-Metadata": {
-                           "Request-Message": {"Method": "GET", "Path": path, "Version": "HTTP/1.1"},
-                           "Headers-Length": "310", "Entity-Length": "0", "Entity-Trailing-Slop-Length": "0",
-                           "Headers": {"Host": host, "User-Agent": "CCBot/2.0 (https://commoncrawl.org/faq/)",
-                                       "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
-                                       "Accept-Language": "en-US,en;q=0.5", "Accept-Encoding": "br,gzip",
-                                       "Connection": "Keep-Alive"}}}
+        req_meta = {
+            "WARC-Type": "request",
+            "WARC-Record-ID": req_id,
+            "Content-Length": "312",
+            "Content-Type": "application/http; msgtype=request",
+            **common,
+        }
+        req_payload = {
+            "Actual-Content-Type": "application/http; msgtype=request",
+            "Trailing-Slop-Length": "4",
+            "HTTP-Request-Metadata": {
+                "Request-Message": {"Method": "GET", "Path": path, "Version": "HTTP/1.1"},
+                "Headers-Length": "310",
+                "Entity-Length": "0",
+                "Entity-Trailing-Slop-Length": "0",
+                "Headers": {
+                    "Host": host,
+                    "User-Agent": "CCBot/2.0 (https://commoncrawl.org/faq/)",
+                    "Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+                    "Accept-Language": "en-US,en;q=0.5",
+                    "Accept-Encoding": "br,gzip",
+                    "Connection": "Keep-Alive",
+                },
+            },
+        }
         self._record("metadata", page_url, req_id, "application/json", self._envelope(req_meta, req_payload, 312))
 
         html_len = 4000 + 120 * len(links)
-        headers: dict[str, Any] = {"Date": fetched.strftime("%a, %d %b %Y %H:%M:%S GMT"), "Server": "nginx",
-                                   "Content-Type": "text/html; charset=UTF-8", "Content-Length": str(html_len)}
+        headers: dict[str, Any] = {
+            "Date": fetched.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+            "Server": "nginx",
+            "Content-Type": "text/html; charset=UTF-8",
+            "Content-Length": str(html_len),
+        }
         if list_headers:
             headers["Set-Cookie"] = ["session=abc; Path=/", "consent=0; Path=/"]
             headers["Vary"] = ["Accept-Encoding", "User-Agent"]
-        head: dict[str, Any] = {"Title": title,
-                                "Metas": [{"name": "viewport", "content": "width=device-width, initial-scale=1"},
-                                          {"property": "og:title", "content": title}],
-                                "Link": [{"path": "LINK@/href", "rel": "stylesheet", "url": "/static/site.css"},
-                                         {"path": "LINK@/href", "rel": "icon", "url": "/favicon.ico"}],
-                                "Scripts": [{"path": "SCRIPT@/src", "url": "/static/app.js"}]}
+        head: dict[str, Any] = {
+            "Title": title,
+            "Metas": [
+                {"name": "viewport", "content": "width=device-width, initial-scale=1"},
+                {"property": "og:title", "content": title},
+            ],
+            "Link": [
+                {"path": "LINK@/href", "rel": "stylesheet", "url": "/static/site.css"},
+                {"path": "LINK@/href", "rel": "icon", "url": "/favicon.ico"},
+            ],
+            "Scripts": [{"path": "SCRIPT@/src", "url": "/static/app.js"}],
+        }
         if base is not None:
             head["Base"] = base
-        resp_meta = {"WARC-Type": "response", "WARC-Record-ID": resp_id, "WARC-Concurrent-To": req_id,
-                     "Content-Length": str(html_len + 300), "Content-Type": "application/http; msgtype=response",
-                     "WARC-Identified-Payload-Type": "text/html",
-                     "WARC-Payload-Digest": "sha1:" + hashlib.sha1(page_url.encode()).hexdigest()[:32].upper(),
-                     **common}
-        resp_payload = {"Actual-Content-Type": "application/http; msgtype=response", "Trailing-Slop-Length": "4",
-                        "HTTP-Response-Metadata": {
-                            "Response-Message": {"Status": "200", "Version": "HTTP/1.1", "Reason": "OK"},
-                            "Headers-Length": "300", "Entity-Length": str(html_len),
-                            "Entity-Trailing-Slop-Length": "0", "Headers": headers,
-                            "HTML-Metadata": {"Head": head, "Links": links}}}
-        self._record("metadata", page_url, resp_id, "application/json",
-                     self._envelope(resp_meta, resp_payload, html_len + 300))
+        resp_meta = {
+            "WARC-Type": "response",
+            "WARC-Record-ID": resp_id,
+            "WARC-Concurrent-To": req_id,
+            "Content-Length": str(html_len + 300),
+            "Content-Type": "application/http; msgtype=response",
+            "WARC-Identified-Payload-Type": "text/html",
+            "WARC-Payload-Digest": "sha1:" + hashlib.sha1(page_url.encode()).hexdigest()[:32].upper(),
+            **common,
+        }
+        resp_payload = {
+            "Actual-Content-Type": "application/http; msgtype=response",
+            "Trailing-Slop-Length": "4",
+            "HTTP-Response-Metadata": {
+                "Response-Message": {"Status": "200", "Version": "HTTP/1.1", "Reason": "OK"},
+                "Headers-Length": "300",
+                "Entity-Length": str(html_len),
+                "Entity-Trailing-Slop-Length": "0",
+                "Headers": headers,
+                "HTML-Metadata": {"Head": head, "Links": links},
+            },
+        }
+        self._record(
+            "metadata", page_url, resp_id, "application/json", self._envelope(resp_meta, resp_payload, html_len + 300)
+        )
 
-        meta_meta = {"WARC-Type": "metadata", "WARC-Record-ID": meta_id, "WARC-Concurrent-To": resp_id,
-                     "Content-Length": "80", "Content-Type": "application/warc-fields", **common}
-        meta_payload = {"Actual-Content-Type": "application/warc-fields",
-                        "WARC-Metadata-Metadata": {"Metadata-Records": [
-                            {"Name": "fetchTimeMs", "Value": str(50 + len(links))},
-                            {"Name": "charset-detected", "Value": "UTF-8"},
-                            {"Name": "languages-cld2", "Value": '{"languages":[{"code":"en","text-covered":0.9}]}'}]}}
+        meta_meta = {
+            "WARC-Type": "metadata",
+            "WARC-Record-ID": meta_id,
+            "WARC-Concurrent-To": resp_id,
+            "Content-Length": "80",
+            "Content-Type": "application/warc-fields",
+            **common,
+        }
+        meta_payload = {
+            "Actual-Content-Type": "application/warc-fields",
+            "WARC-Metadata-Metadata": {
+                "Metadata-Records": [
+                    {"Name": "fetchTimeMs", "Value": str(50 + len(links))},
+                    {"Name": "charset-detected", "Value": "UTF-8"},
+                    {"Name": "languages-cld2", "Value": '{"languages":[{"code":"en","text-covered":0.9}]}'},
+                ]
+            },
+        }
         self._record("metadata", page_url, meta_id, "application/json", self._envelope(meta_meta, meta_payload, 80))
 
     def close(self) -> int:
@@ -593,7 +792,8 @@ class _Planner:
         if base is not None:
             kind = transform[0] if transform else "reencoded"
             quality = {"reencoded": int(rng.integers(70, 80)), "recompressed": int(rng.integers(22, 32))}.get(
-                kind, int(rng.integers(80, 92)))
+                kind, int(rng.integers(80, 92))
+            )
             spec = replace(base, image_id=image_id, transform=transform, quality=quality, fmt="JPEG")
             self.specs[image_id] = spec
             self.derived_from[image_id] = base.image_id
@@ -611,12 +811,14 @@ class _Planner:
         spec = ImageSpec(
             image_id=image_id,
             concept=UNSAFE_CONCEPT if unsafe else f"{colour} {shape}",
-            shape=shape, colour=colour,
+            shape=shape,
+            colour=colour,
             background="hazard" if unsafe else BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
             count=1 if unsafe else int(rng.integers(1, 5)),
             grain=float(np.round(rng.uniform(3.0, 40.0), 2)),
             watermark=bool(rng.random() < cfg.watermark_rate),
-            width=w, height=h,
+            width=w,
+            height=h,
             fmt=("JPEG", "JPEG", "JPEG", "JPEG", "JPEG", "JPEG", "JPEG", "PNG", "PNG", "WEBP")[int(rng.integers(10))],
             quality=int(rng.integers(85, 96)),
             layout_seed=int(rng.integers(2**31)),
@@ -660,7 +862,7 @@ class _Planner:
         if base is not None:
             resolved_base = urljoin(page_url, base)
             if img_url.startswith(resolved_base) and rng.random() < 0.8:
-                return "base_relative", img_url[len(resolved_base):]
+                return "base_relative", img_url[len(resolved_base) :]
             return "absolute", img_url
         r = rng.random()
         if r < 0.3:
@@ -671,16 +873,17 @@ class _Planner:
             return "protocol_relative", "//" + img_url.split("://", 1)[1]
         page_dir = page_url.rsplit("/", 1)[0] + "/"
         if img_url.startswith(page_dir):
-            return "relative", img_url[len(page_dir):]
+            return "relative", img_url[len(page_dir) :]
         parent = page_dir.rstrip("/").rsplit("/", 1)[0] + "/"
         if img_url.startswith(parent):
-            return "relative", "../" + img_url[len(parent):]
+            return "relative", "../" + img_url[len(parent) :]
         return "root_relative", "/" + host_rel
 
     def excluded_link(self, page_url: str, authority: str, site: int) -> Link:
         rng = self.rng
-        kind = ("data_uri", "svg", "gif", "short_alt", "empty_alt", "javascript", "unsupported_scheme",
-                "url_too_long")[int(rng.integers(8))]
+        kind = ("data_uri", "svg", "gif", "short_alt", "empty_alt", "javascript", "unsupported_scheme", "url_too_long")[
+            int(rng.integers(8))
+        ]
         alt = "a nice decorative picture for this page"
         tag = f"{rng.integers(16**8):08x}"
         if kind == "data_uri":
@@ -717,7 +920,6 @@ def generate_sample_web(out: str | Path, cfg: SampleWebConfig | None = None) -> 
 
     # 1. Pages and links.
     pages: list[dict[str, Any]] = []
-    behaviours_left = _behaviour_quota(cfg)
     seen_links: list[Link] = []
     for p in range(cfg.pages):
         seg, k = wat_slots[p % len(wat_slots)]
@@ -742,13 +944,22 @@ def generate_sample_web(out: str | Path, cfg: SampleWebConfig | None = None) -> 
                 again = seen_links[int(rng.integers(len(seen_links)))]
                 links_here.append(Link(again.url, again.url, "absolute", again.alt_raw, again.truth))
                 continue
-            for link in _image_links(plan, page_url, base, site, section, behaviours_left):
+            for link in _image_links(plan, page_url, base, site, section):
                 links_here.append(link)
                 seen_links.append(link)
-        pages.append({"url": page_url, "segment": seg, "wat": k, "base": base, "links": links_here,
-                      "site": site, "fetched": start + timedelta(hours=seg, seconds=7 * p),
-                      "title": f"Site {site} - {section} page {p}"})
-    _plant_bombs(plan, pages, rng)
+        pages.append(
+            {
+                "url": page_url,
+                "segment": seg,
+                "wat": k,
+                "base": base,
+                "links": links_here,
+                "site": site,
+                "fetched": start + timedelta(hours=seg, seconds=7 * p),
+                "title": f"Site {site} - {section} page {p}",
+            }
+        )
+    _plant_behaviours(plan, pages, rng)
 
     # 2. Render every image (parallel), enforcing that distinct originals are perceptually distinct.
     rendered = _render_distinct(plan)
@@ -762,37 +973,67 @@ def generate_sample_web(out: str | Path, cfg: SampleWebConfig | None = None) -> 
         row["wat_file"] = wat_rel[(row.pop("_seg"), row.pop("_wat"))]
     table = pa.Table.from_pylist(rows, schema=TRUTH_SCHEMA)
     write_parquet(table, str(out / "truth.parquet"))
-    manifest = {"version": 1, "config": asdict(cfg), "crawl": cfg.crawl, "port": cfg.port,
-                "hosts": list(cfg.hosts), "segments": seg_ids, "wat_files": sorted(wat_rel.values()),
-                "pages": cfg.pages, "image_links": len(rows),
-                "extractable": int(sum(1 for r in rows if r["extract"])),
-                "images": len(rendered)}
+    manifest = {
+        "version": 1,
+        "config": asdict(cfg),
+        "crawl": cfg.crawl,
+        "port": cfg.port,
+        "hosts": list(cfg.hosts),
+        "segments": seg_ids,
+        "wat_files": sorted(wat_rel.values()),
+        "pages": cfg.pages,
+        "image_links": len(rows),
+        "extractable": int(sum(1 for r in rows if r["extract"])),
+        "images": len(rendered),
+    }
     write_json(manifest, str(out / "manifest.json"))
     return manifest
 
 
-TRUTH_SCHEMA = pa.schema([
-    ("url", pa.string()), ("src", pa.string()), ("link_form", pa.string()), ("page_url", pa.string()),
-    ("segment", pa.string()), ("wat_file", pa.string()), ("occurrences", pa.int32()), ("alt_raw", pa.string()),
-    ("caption", pa.string()), ("language", pa.string()), ("extract", pa.bool_()),
-    ("exclude_reason", pa.string()), ("concept", pa.string()), ("shape", pa.string()), ("colour", pa.string()),
-    ("background", pa.string()), ("count", pa.int32()), ("caption_matches", pa.bool_()),
-    ("dup_group", pa.int64()), ("dup_kind", pa.string()), ("exact_copy_of", pa.string()),
-    ("watermark", pa.bool_()), ("unsafe", pa.bool_()), ("aesthetic", pa.float64()), ("grain", pa.float64()),
-    ("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()), ("http_behavior", pa.string()),
-    ("expect_status", pa.string()), ("expect_reason", pa.string()), ("file", pa.string()),
-    ("sha256", pa.string()), ("bytes", pa.int64()), ("phash", pa.string()), ("split", pa.string()),
-])
+TRUTH_SCHEMA = pa.schema(
+    [
+        ("url", pa.string()),
+        ("src", pa.string()),
+        ("link_form", pa.string()),
+        ("page_url", pa.string()),
+        ("segment", pa.string()),
+        ("wat_file", pa.string()),
+        ("occurrences", pa.int32()),
+        ("alt_raw", pa.string()),
+        ("caption", pa.string()),
+        ("language", pa.string()),
+        ("extract", pa.bool_()),
+        ("exclude_reason", pa.string()),
+        ("concept", pa.string()),
+        ("shape", pa.string()),
+        ("colour", pa.string()),
+        ("background", pa.string()),
+        ("count", pa.int32()),
+        ("caption_matches", pa.bool_()),
+        ("dup_group", pa.int64()),
+        ("dup_kind", pa.string()),
+        ("exact_copy_of", pa.string()),
+        ("watermark", pa.bool_()),
+        ("unsafe", pa.bool_()),
+        ("aesthetic", pa.float64()),
+        ("grain", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+        ("http_behavior", pa.string()),
+        ("expect_status", pa.string()),
+        ("expect_reason", pa.string()),
+        ("file", pa.string()),
+        ("sha256", pa.string()),
+        ("bytes", pa.int64()),
+        ("phash", pa.string()),
+        ("split", pa.string()),
+    ]
+)
 assert tuple(TRUTH_SCHEMA.names) == TRUTH_COLUMNS
 
 
-def _behaviour_quota(cfg: SampleWebConfig) -> dict[str, int]:
-    expected_links = cfg.pages * sum(cfg.images_per_page) / 2 * 0.9
-    return {k: max(1, round(v * expected_links)) for k, v in BEHAVIOUR_SHARES.items()}
-
-
-def _image_links(plan: _Planner, page_url: str, base: str | None, site: int, section: str,
-                 behaviours_left: dict[str, int]) -> list[Link]:
+def _image_links(plan: _Planner, page_url: str, base: str | None, site: int, section: str) -> list[Link]:
     """One original image (and, sometimes, its planted duplicates) as links of this page."""
     rng, cfg = plan.rng, plan.cfg
     spec = plan.new_spec()
@@ -801,14 +1042,16 @@ def _image_links(plan: _Planner, page_url: str, base: str | None, site: int, sec
     if rng.random() < cfg.dup_group_rate and spec.concept != UNSAFE_CONCEPT:
         plan.dup_groups += 1
         group = plan.dup_groups
-        for kind in rng.choice(["reencoded", "resized", "cropped", "recompressed", "exact"],
-                               size=int(rng.integers(1, 4)), replace=False):
+        for kind in rng.choice(
+            ["reencoded", "resized", "cropped", "recompressed", "exact"], size=int(rng.integers(1, 4)), replace=False
+        ):
             kind = str(kind)
             if kind == "exact":
                 members.append((spec, "exact"))
                 continue
-            param = {"resized": float(rng.uniform(0.55, 0.85)), "cropped": float(rng.uniform(0.02, 0.05))}.get(
-                kind, 0.0)
+            param = {"resized": float(rng.uniform(0.55, 0.85)), "cropped": float(rng.uniform(0.005, 0.02))}.get(
+                kind, 0.0
+            )
             members.append((plan.new_spec(transform=(kind, param), base=spec), kind))
     lang = "en"
     if rng.random() < cfg.non_english_rate:
@@ -836,30 +1079,50 @@ def _image_links(plan: _Planner, page_url: str, base: str | None, site: int, sec
             alt_raw = mojibake(caption) or caption
         if rng.random() < 0.05:
             alt_raw = f"  {alt_raw}\n"  # stray whitespace the cleaner must normalise
-        behaviour = "ok"
-        if group is None and not spec.width >= 1024:
-            for name, left in behaviours_left.items():
-                if left > 0 and rng.random() < BEHAVIOUR_SHARES[name] * 1.5:
-                    behaviour = name
-                    behaviours_left[name] -= 1
-                    break
-        truth = {"concept": member.concept, "caption": " ".join(caption.split()), "caption_matches": matches,
-                 "language": lang, "dup_group": group, "dup_kind": kind if group is not None else None,
-                 "exact_copy_of": original_url if kind == "exact" else None, "http_behavior": behaviour,
-                 "image_id": member.image_id}
+        truth = {
+            "concept": member.concept,
+            "caption": " ".join(caption.split()),
+            "caption_matches": matches,
+            "language": lang,
+            "dup_group": group,
+            "dup_kind": kind if group is not None else None,
+            "exact_copy_of": original_url if kind == "exact" else None,
+            "http_behavior": "ok",
+            "image_id": member.image_id,
+        }
         out.append(Link(url, src, link_form, alt_raw, truth))
         if kind == "original":
             original_url = url
     return out
 
 
-def _plant_bombs(plan: _Planner, pages: list[dict[str, Any]], rng: np.random.Generator) -> None:
-    """Replace a few ok links by a decompression bomb and oversized images."""
-    candidates = [lk for pg in pages for lk in pg["links"]
-                  if lk.truth.get("http_behavior") == "ok" and lk.truth.get("dup_group") is None]
-    picks = rng.choice(len(candidates), size=min(len(candidates), BOMB_COUNT + OVERSIZED_COUNT), replace=False)
-    for n, i in enumerate(sorted(int(x) for x in picks)):
-        candidates[i].truth["http_behavior"] = "decompression_bomb" if n < BOMB_COUNT else "oversized"
+def _plant_behaviours(plan: _Planner, pages: list[dict[str, Any]], rng: np.random.Generator) -> None:
+    """Give exact quotas of links (at least one each) a hostile HTTP behaviour; the rest stay "ok".
+
+    Duplicate-group members and high-resolution originals always stay downloadable, since later stages
+    measure dedupe and the High-Res subset on them.
+    """
+    eligible: list[Link] = []
+    seen: set[int] = set()
+    for pg in pages:
+        for lk in pg["links"]:
+            if (
+                lk.truth
+                and id(lk.truth) not in seen
+                and lk.truth["dup_group"] is None
+                and plan.specs[lk.truth["image_id"]].width < 1024
+            ):
+                seen.add(id(lk.truth))
+                eligible.append(lk)
+    quotas = {k: max(1, round(v * len(eligible))) for k, v in BEHAVIOUR_SHARES.items()}
+    quotas |= {"decompression_bomb": BOMB_COUNT, "oversized": OVERSIZED_COUNT}
+    order = rng.permutation(len(eligible))
+    i = 0
+    for name, n in quotas.items():
+        for _ in range(n):
+            if i < len(order):
+                eligible[int(order[i])].truth["http_behavior"] = name
+                i += 1
 
 
 def _render_distinct(plan: _Planner) -> dict[str, Rendered]:
@@ -886,17 +1149,24 @@ def _render_distinct(plan: _Planner) -> dict[str, Rendered]:
             rendered[r.image_id] = r
         originals = [plan.specs[s.image_id] for s in originals]
     else:
-        raise RuntimeError(f"could not draw {len(originals)} perceptually distinct images in "
-                           f"{MAX_DISTINCT_ROUNDS} rounds; lower min_phash_distance")
+        raise RuntimeError(
+            f"could not draw {len(originals)} perceptually distinct images in "
+            f"{MAX_DISTINCT_ROUNDS} rounds; lower min_phash_distance"
+        )
     # Derived (near-duplicate) images use the final attempt of their original.
-    derived = [replace(s, attempt=plan.specs[plan.derived_from[s.image_id]].attempt)
-               for s in plan.specs.values() if s.transform is not None]
+    derived = [
+        replace(s, attempt=plan.specs[plan.derived_from[s.image_id]].attempt)
+        for s in plan.specs.values()
+        if s.transform is not None
+    ]
     for r in _render_many(derived, cfg.workers):
         rendered[r.image_id] = r
     return rendered
 
 
-def _bytes_for(behaviour: str, rendered: Rendered, spec: ImageSpec, rng: np.random.Generator) -> tuple[bytes, int, int, str]:
+def _bytes_for(
+    behaviour: str, rendered: Rendered, spec: ImageSpec, rng: np.random.Generator
+) -> tuple[bytes, int, int, str]:
     """Served bytes and their (width, height, format) for a link's behaviour."""
     if behaviour == "decompression_bomb":
         return decompression_bomb_png(20_000), 20_000, 20_000, "PNG"
@@ -914,12 +1184,17 @@ def _bytes_for(behaviour: str, rendered: Rendered, spec: ImageSpec, rng: np.rand
     if behaviour == "not_an_image":
         html = b"<!doctype html><html><head><title>Not found</title></head><body>" + b"<p>gone</p>" * 600
         return html + b"</body></html>", 0, 0, "HTML"
-    return rendered.data, rendered.width, rendered.height, spec.fmt
+    return rendered.data, rendered.width, rendered.height, rendered.fmt
 
 
-def _write_served_files_and_truth_rows(plan: _Planner, pages: list[dict[str, Any]],
-                                       rendered: dict[str, Rendered], web: Path, cfg: SampleWebConfig,
-                                       seg_ids: list[str]) -> list[dict[str, Any]]:
+def _write_served_files_and_truth_rows(
+    plan: _Planner,
+    pages: list[dict[str, Any]],
+    rendered: dict[str, Rendered],
+    web: Path,
+    cfg: SampleWebConfig,
+    seg_ids: list[str],
+) -> list[dict[str, Any]]:
     rows: dict[str, dict[str, Any]] = {}
     rng = plan.rng
     for pg in pages:
@@ -928,9 +1203,19 @@ def _write_served_files_and_truth_rows(plan: _Planner, pages: list[dict[str, Any
                 rows[link.url]["occurrences"] += 1
                 continue
             row: dict[str, Any] = dict.fromkeys(TRUTH_COLUMNS)
-            row.update(url=link.url, src=link.src, link_form=link.link_form, page_url=pg["url"],
-                       segment=f"{pg['segment']:03d}", occurrences=1, alt_raw=link.alt_raw,
-                       _seg=pg["segment"], _wat=pg["wat"], watermark=False, unsafe=False)
+            row.update(
+                url=link.url,
+                src=link.src,
+                link_form=link.link_form,
+                page_url=pg["url"],
+                segment=f"{pg['segment']:03d}",
+                occurrences=1,
+                alt_raw=link.alt_raw,
+                _seg=pg["segment"],
+                _wat=pg["wat"],
+                watermark=False,
+                unsafe=False,
+            )
             t = link.truth
             if not t:  # an excluded link
                 row.update(extract=False, exclude_reason=_exclude_reason(link), http_behavior="not_served")
@@ -949,15 +1234,34 @@ def _write_served_files_and_truth_rows(plan: _Planner, pages: list[dict[str, Any
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
             row.update(
-                caption=t["caption"], language=t["language"], extract=True, concept=spec.concept,
-                shape=spec.shape, colour=spec.colour, background=spec.background, count=spec.count,
-                caption_matches=t["caption_matches"], dup_group=t["dup_group"], dup_kind=t["dup_kind"],
-                exact_copy_of=t["exact_copy_of"], watermark=spec.watermark, unsafe=spec.concept == UNSAFE_CONCEPT,
-                aesthetic=plan.aesthetic(spec), grain=spec.grain, width=w or None, height=h or None, format=fmt,
-                http_behavior=behaviour, expect_status=status, expect_reason=reason, file=rel,
-                sha256=hashlib.sha256(data).hexdigest() if served else None, bytes=len(data) if served else None,
-                phash=rendered[spec.image_id].phash if behaviour in ("ok", "redirect", "slow", "x_robots_nofollow",
-                                                                     "wrong_content_type") else None,
+                caption=t["caption"],
+                language=t["language"],
+                extract=True,
+                concept=spec.concept,
+                shape=spec.shape,
+                colour=spec.colour,
+                background=spec.background,
+                count=spec.count,
+                caption_matches=t["caption_matches"],
+                dup_group=t["dup_group"],
+                dup_kind=t["dup_kind"],
+                exact_copy_of=t["exact_copy_of"],
+                watermark=spec.watermark,
+                unsafe=spec.concept == UNSAFE_CONCEPT,
+                aesthetic=plan.aesthetic(spec),
+                grain=spec.grain,
+                width=w or None,
+                height=h or None,
+                format=fmt,
+                http_behavior=behaviour,
+                expect_status=status,
+                expect_reason=reason,
+                file=rel,
+                sha256=hashlib.sha256(data).hexdigest() if served else None,
+                bytes=len(data) if served else None,
+                phash=rendered[spec.image_id].phash
+                if behaviour in ("ok", "redirect", "slow", "x_robots_nofollow", "wrong_content_type")
+                else None,
                 split="heldout" if int(hashlib.sha1(spec.image_id.encode()).hexdigest(), 16) % 5 == 0 else "train",
             )
             rows[link.url] = row
@@ -979,8 +1283,9 @@ def _exclude_reason(link: Link) -> str:
     return "short_alt"
 
 
-def _write_wats(out: Path, cfg: SampleWebConfig, pages: list[dict[str, Any]], seg_ids: list[str],
-                start: datetime) -> dict[tuple[int, int], str]:
+def _write_wats(
+    out: Path, cfg: SampleWebConfig, pages: list[dict[str, Any]], seg_ids: list[str], start: datetime
+) -> dict[tuple[int, int], str]:
     writers: dict[tuple[int, int], WatWriter] = {}
     rel: dict[tuple[int, int], str] = {}
     for s, seg in enumerate(seg_ids):
@@ -990,9 +1295,10 @@ def _write_wats(out: Path, cfg: SampleWebConfig, pages: list[dict[str, Any]], se
             warc = name.replace(".warc.wat.gz", ".warc.gz")
             writers[(s, k)] = WatWriter(out / rel[(s, k)], cfg.crawl, warc, start + timedelta(hours=s + 5))
     for i, pg in enumerate(pages):
-        links: list[dict[str, str]] = [{"path": "A@/href", "url": "/", "text": "Home"},
-                                       {"path": "A@/href", "url": f"/site{pg['site']:02d}/about.html",
-                                        "text": "About us"}]
+        links: list[dict[str, str]] = [
+            {"path": "A@/href", "url": "/", "text": "Home"},
+            {"path": "A@/href", "url": f"/site{pg['site']:02d}/about.html", "text": "About us"},
+        ]
         for link in pg["links"]:
             entry = {"path": "IMG@/src", "url": link.src}
             if link.alt_raw is not None:
@@ -1002,8 +1308,9 @@ def _write_wats(out: Path, cfg: SampleWebConfig, pages: list[dict[str, Any]], se
                 links.append({"path": "A@/href", "url": link.src, "text": "view full size"})
         links.append({"path": "IMG@/data-src", "url": "/static/lazy-placeholder.jpg"})
         host = pg["url"].split("/")[2]
-        writers[(pg["segment"], pg["wat"])].add_page(pg["url"], host, pg["fetched"], pg["base"], pg["title"],
-                                                     links, list_headers=i % 2 == 0)
+        writers[(pg["segment"], pg["wat"])].add_page(
+            pg["url"], host, pg["fetched"], pg["base"], pg["title"], links, list_headers=i % 2 == 0
+        )
     for w in writers.values():
         w.close()
     return rel

@@ -1,1 +1,1 @@
-"""placeholder"""
+"""Dagster resources: configuration and lifecycle only, no pipeline logic."""

@@ -1,0 +1,26 @@
+"""The Definitions that `workspace.yaml` loads: every asset, check, sensor and resource."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.pairs import pairs
+from assets.sensors import build_crawl_sensor, crawl_sensor_default_running
+from resources.compute import build_compute
+from resources.settings import Settings
+from resources.storage import LakeResource
+
+
+def build_definitions(settings: Settings) -> dg.Definitions:
+    """All definitions, wired to the given settings (the UI and `curation run` use the same ones)."""
+    return dg.Definitions(
+        assets=[pairs],
+        sensors=[build_crawl_sensor(crawl_sensor_default_running(settings.crawl_root))],
+        resources={
+            "lake": LakeResource(root=settings.lake_root, crawl_root=settings.crawl_root, crawls=list(settings.crawls)),
+            "compute": build_compute(settings),
+        },
+    )
+
+
+defs = build_definitions(Settings.from_env())

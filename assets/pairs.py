@@ -1,0 +1,80 @@
+"""The `pairs` asset: image URL + alt text extracted from one segment's WAT files."""
+
+import time
+
+import dagster as dg
+
+from assets.metadata import counts_table
+from assets.partitions import crawl_segment_partitions, partition_of
+from curation import crawls as cc
+from curation import io, records
+from curation.layout import STAGE_TABLES
+from curation.wat import ExtractConfig, extract_pairs
+from resources.storage import LakeResource
+
+
+@dg.asset(
+    partitions_def=crawl_segment_partitions,
+    kinds={"python", "parquet"},
+    group_name="ingest",
+    check_specs=[
+        dg.AssetCheckSpec(
+            "uids_unique",
+            asset="pairs",
+            blocking=True,
+            description="Every (url, text) pair appears once in the partition.",
+        )
+    ],
+)
+def pairs(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:
+    """Image URL + alt-text pairs from the segment's Common Crawl WAT files, by LAION's rules with
+    relative URLs resolved (LAION dropped them), language-tagged, deduplicated by (url, text) within the
+    partition and against partitions already materialized. One row per pair with its provenance."""
+    part = partition_of(context)
+    wats = cc.wat_files(lake.crawl_root, part.crawl, part.segment)
+    out_dir = lake.lake.partition_dir("pairs", part)
+    earlier = io.read_int_column(
+        io.finished_tables(lake.lake.stage_dir("pairs"), STAGE_TABLES["pairs"], exclude_dir=out_dir), records.UID
+    )
+    context.log.info(f"extracting {len(wats)} WAT files of {part.key}; {len(earlier):,} uids already in the lake")
+    started = time.perf_counter()
+    result = extract_pairs(wats, crawl=part.crawl, segment=part.segment, config=ExtractConfig(), exclude_uids=earlier)
+    seconds = max(time.perf_counter() - started, 1e-9)
+    io.clear_partition(out_dir)
+    table_path = lake.lake.table("pairs", part)
+    io.write_parquet(result.table, table_path)
+    n = result.table.num_rows
+    io.write_marker(out_dir, {"rows": n, "counts": result.counts, "wat_files": wats})
+    uids = result.table.column(records.UID)
+    unique = len(set(uids.to_pylist())) == n
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": n,
+            "dagster/uri": dg.MetadataValue.path(table_path),
+            "wat_files": len(wats),
+            "reasons": counts_table(result.counts),
+            "pairs_per_s": round(n / seconds, 1),
+            "mb_per_s": round(result.bytes_read / seconds / 1e6, 2),
+            "languages": counts_table(
+                {
+                    k or "(none)": v
+                    for k, v in zip(*_value_counts(result.table.column(records.LANGUAGE).to_pylist()), strict=True)
+                },
+                "language",
+            ),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="uids_unique",
+                passed=unique,
+                metadata={"rows": n, "distinct_uids": len(set(uids.to_pylist()))},
+            )
+        ],
+    )
+
+
+def _value_counts(values: list[str]) -> tuple[list[str], list[int]]:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return list(counts), list(counts.values())

@@ -1,0 +1,162 @@
+"""`curation run`: materialize every asset for every partition of a crawl in process.
+
+It uses the same Definitions the UI shows (`assets.definitions.build_definitions`), so runs recorded
+in a persistent DAGSTER_HOME appear in `make ui`. Registered as the `run` subcommand of the
+`curation` CLI through the `curation.commands` entry point, keeping `curation/` free of Dagster.
+"""
+
+import argparse
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from assets.definitions import build_definitions
+from assets.partitions import crawl_partitions, crawl_segment_partitions, partition_key
+from curation import crawls as cc
+from resources.settings import Settings
+
+DAGSTER_YAML = "telemetry:\n  enabled: false\n"
+# Keep the console for the progress display: step events go to the instance (and the UI), not stdout.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@dataclass
+class AssetSummary:
+    partitions_ok: int = 0
+    partitions_failed: int = 0
+    rows: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+def open_instance(dagster_home: str | None) -> dg.DagsterInstance:
+    """A persistent instance in `dagster_home` (created with telemetry off), else an ephemeral one."""
+    if dagster_home is None:
+        return dg.DagsterInstance.ephemeral()
+    home = Path(dagster_home).absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return dg.DagsterInstance.get()
+
+
+def run_crawls(
+    settings: Settings, instance: dg.DagsterInstance, crawls: list[str], console: Console
+) -> dict[str, AssetSummary]:
+    """Materialize every partitioned asset per (crawl, segment), then every unpartitioned asset."""
+    defs = build_definitions(settings)
+    job = defs.resolve_implicit_global_asset_job_def()
+    graph = defs.resolve_asset_graph()
+    keys = [k for k in graph.get_all_asset_keys() if graph.get(k).is_materializable]
+    partitioned = [k for k in keys if graph.get(k).partitions_def == crawl_segment_partitions]
+    global_keys = [k for k in keys if graph.get(k).partitions_def is None]
+    known = set(instance.get_dynamic_partitions(crawl_partitions.name or "cc_crawl"))
+    new = [c for c in crawls if c not in known]
+    if new:
+        instance.add_dynamic_partitions(crawl_partitions.name or "cc_crawl", new)
+    plan = [(c, s) for c in crawls for s in cc.segment_keys(settings.crawl_root, c)]
+    summary = {k.to_user_string(): AssetSummary() for k in keys}
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("partitions", total=len(plan) + (1 if global_keys else 0))
+        for crawl, seg in plan:
+            progress.update(task, description=f"{crawl}|{seg}")
+            started = time.perf_counter()
+            result = job.execute_in_process(
+                run_config=QUIET,
+                instance=instance,
+                partition_key=str(partition_key(crawl, seg)),
+                asset_selection=partitioned,
+                raise_on_error=False,
+            )
+            _collect(result, summary, time.perf_counter() - started, f"{crawl}|{seg}")
+            progress.advance(task)
+        if global_keys:
+            progress.update(task, description="global assets")
+            started = time.perf_counter()
+            result = job.execute_in_process(
+                run_config=QUIET, instance=instance, asset_selection=global_keys, raise_on_error=False
+            )
+            _collect(result, summary, time.perf_counter() - started, "global")
+            progress.advance(task)
+    return summary
+
+
+def _collect(result: dg.ExecuteInProcessResult, summary: dict[str, AssetSummary], seconds: float, label: str) -> None:
+    done: set[str] = set()
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        name = mat.asset_key.to_user_string()
+        entry = summary.setdefault(name, AssetSummary())
+        entry.partitions_ok += 1
+        entry.seconds += seconds
+        rows = mat.metadata.get("dagster/row_count")
+        entry.rows += int(rows.value) if rows is not None else 0
+        done.add(name)
+    for event in result.all_events:
+        if event.is_step_failure and event.step_key:
+            name = event.step_key.split(".")[-1]
+            entry = summary.setdefault(name, AssetSummary())
+            entry.partitions_failed += 1
+            error = event.step_failure_data.error if event.step_failure_data else None
+            entry.failures.append(f"{label}: {error.message.strip().splitlines()[0] if error else 'failed'}")
+
+
+def print_summary(summary: dict[str, AssetSummary], console: Console) -> None:
+    table = Table(title="curation run")
+    for col in ("asset", "partitions ok", "failed", "rows", "seconds"):
+        table.add_column(col, justify="left" if col == "asset" else "right")
+    for name, s in summary.items():
+        table.add_row(name, str(s.partitions_ok), str(s.partitions_failed), f"{s.rows:,}", f"{s.seconds:.1f}")
+    console.print(table)
+    for name, s in summary.items():
+        for failure in s.failures:
+            console.print(f"[red]{name} {failure}[/red]")
+
+
+def add_run_command(sub: Any) -> None:
+    """Register `curation run` (called by curation.cli through the `curation.commands` entry point)."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "run", help="materialize every asset for every partition of a crawl, in process"
+    )
+    p.add_argument("--crawl-root", required=True, help="folder or URL holding crawl-data/<CRAWL>/wat.paths.gz")
+    p.add_argument("--lake", required=True, help="lake root (folder or fsspec URL)")
+    p.add_argument("--dagster-home", default=None, help="persistent DAGSTER_HOME so the runs show in the UI")
+    p.add_argument("--crawl", action="append", default=None, help="crawl id (default: every crawl found)")
+    p.add_argument(
+        "--allow-loopback",
+        action="store_true",
+        help="let the downloader reach 127.0.0.0/8 (the sample web); off by default",
+    )
+    p.set_defaults(func=_run_command)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    console = Console()
+    settings = Settings(
+        lake_root=str(args.lake),
+        crawl_root=str(args.crawl_root),
+        compute=os.environ.get("CURATION_COMPUTE", "local"),
+        allow_loopback=bool(args.allow_loopback),
+    )
+    crawls = args.crawl or cc.discover_crawls(settings.crawl_root)
+    if not crawls:
+        console.print(f"[red]no crawl listing found under {settings.crawl_root}/crawl-data/; pass --crawl ID[/red]")
+        return 2
+    instance = open_instance(args.dagster_home)
+    summary = run_crawls(settings, instance, crawls, console)
+    print_summary(summary, console)
+    return 1 if any(s.partitions_failed for s in summary.values()) else 0

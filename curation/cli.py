@@ -1,0 +1,115 @@
+"""The `curation` command: every core stage callable outside Dagster.
+
+Subcommands that need the orchestrator (`run`) are contributed by other packages through the
+`curation.commands` entry-point group, so this module never imports Dagster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+from pathlib import Path
+
+ENTRY_POINT_GROUP = "curation.commands"
+
+
+def _sample_web(args: argparse.Namespace) -> int:
+    from curation.sample_web import SampleWebConfig, generate_sample_web
+
+    cfg = SampleWebConfig(seed=args.seed, pages=args.pages, segments=args.segments, port=args.port, crawl=args.crawl)
+    manifest = generate_sample_web(args.out, cfg)
+    print(
+        f"sample web in {args.out}: crawl {manifest['crawl']}, {len(manifest['segments'])} segments, "
+        f"{len(manifest['wat_files'])} WAT files, {manifest['image_links']} image links "
+        f"({manifest['extractable']} extractable), {manifest['images']} images"
+    )
+    return 0
+
+
+def _serve_sample_web(args: argparse.Namespace) -> int:
+    from curation.sample_server import serve_forever
+
+    serve_forever(args.root, args.port)
+    return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    from curation.sql import connect
+
+    con, views = connect(args.lake)
+    if not views:
+        print(f"no stage tables under {args.lake} yet", file=sys.stderr)
+    rel = con.sql(args.query)
+    if rel is None:
+        return 0
+    if args.format == "json":
+        cols = rel.columns
+        for row in rel.fetchall():
+            print(json.dumps(dict(zip(cols, row, strict=True)), default=str, ensure_ascii=False))
+    elif args.format == "csv":
+        rel.write_csv("/dev/stdout")
+    else:
+        rel.show(max_rows=args.max_rows, max_width=200)
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from curation import io
+    from curation.wat import ExtractConfig, extract_pairs
+
+    result = extract_pairs(args.wat, crawl=args.crawl, segment=args.segment, config=ExtractConfig())
+    io.write_parquet(result.table, str(Path(args.output).absolute()) if "://" not in args.output else args.output)
+    print(json.dumps({"pairs": result.table.num_rows, "counts": result.counts}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curation", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample-web", help="generate the embedded sample web (WAT files, images, truth)")
+    p.add_argument("out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pages", type=int, default=300)
+    p.add_argument("--segments", type=int, default=3)
+    p.add_argument("--port", type=int, default=8642, help="port baked into the image URLs (default 8642)")
+    p.add_argument("--crawl", default="CC-MAIN-2024-51")
+    p.set_defaults(func=_sample_web)
+
+    p = sub.add_parser("serve-sample-web", help="serve a generated sample web on loopback")
+    p.add_argument("root")
+    p.add_argument("--port", type=int, default=None, help="default: the port the sample web was generated for")
+    p.set_defaults(func=_serve_sample_web)
+
+    p = sub.add_parser("sql", help="run SQL over the lake (one DuckDB view per stage)")
+    p.add_argument("lake")
+    p.add_argument("query")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--max-rows", type=int, default=40)
+    p.set_defaults(func=_sql)
+
+    p = sub.add_parser("extract", help="extract image-text pairs from WAT files")
+    p.add_argument("wat", nargs="+", help="WAT files: local paths or fsspec URLs")
+    p.add_argument("-o", "--output", required=True, help="output parquet")
+    p.add_argument("--crawl", default="", help="crawl id recorded in the crawl column")
+    p.add_argument("--segment", default="", help="segment recorded in the segment column")
+    p.set_defaults(func=_extract)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# make demo: generate the sample web (once), serve it on loopback, run the whole asset graph on every
+# partition of its crawl, and print the summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/common.sh
+ensure_sample
+start_sample_server
+"$BIN/curation" run --crawl-root "$SAMPLE" --lake "$LAKE" --dagster-home "$DAGSTER_HOME" --allow-loopback
+echo
+"$BIN/curation" sql "$LAKE" "SELECT crawl, segment, count(*) AS pairs, count(DISTINCT language) AS languages
+                              FROM pairs GROUP BY ALL ORDER BY ALL"
+cat <<TXT
+
+Lake:        $LAKE   (query it: .venv/bin/curation sql $LAKE "SELECT * FROM pairs LIMIT 5")
+Dagster UI:  make ui, then open http://127.0.0.1:3000 (the demo's runs are in $DAGSTER_HOME)
+TXT

@@ -1,0 +1,65 @@
+"""Shared fixtures: a small sample web generated once per session and served on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from curation.sample_server import SampleWebServer, serve_sample_web
+from curation.sample_web import SampleWebConfig, generate_sample_web
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+HOSTS = ("127.0.0.1", "127.0.0.2")
+
+
+def free_port(hosts: tuple[str, ...] = HOSTS) -> int:
+    """A port that is free on every loopback host the sample web uses."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((hosts[0], 0))
+            port = int(s.getsockname()[1])
+        ok = True
+        for host in hosts[1:]:
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    ok = False
+        if ok:
+            return port
+    raise RuntimeError("no free port on the loopback hosts")
+
+
+@dataclass(frozen=True)
+class SampleWeb:
+    root: Path
+    config: SampleWebConfig
+    manifest: dict[str, object]
+
+    def truth(self) -> list[dict[str, object]]:
+        return pq.read_table(self.root / "truth.parquet").to_pylist()
+
+
+SMALL = dict(seed=7, pages=60, segments=2, wat_files_per_segment=2)
+
+
+@pytest.fixture(scope="session")
+def sample_web(tmp_path_factory: pytest.TempPathFactory) -> SampleWeb:
+    root = tmp_path_factory.mktemp("sample-web")
+    cfg = SampleWebConfig(port=free_port(), **SMALL)  # type: ignore[arg-type]
+    manifest = generate_sample_web(root, cfg)
+    return SampleWeb(root, cfg, manifest)
+
+
+@pytest.fixture(scope="session")
+def sample_server(sample_web: SampleWeb) -> Iterator[SampleWebServer]:
+    with serve_sample_web(sample_web.root) as web:
+        yield web
