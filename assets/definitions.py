@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.downloads import downloads
 from assets.pairs import pairs
 from assets.sensors import build_crawl_sensor, crawl_sensor_default_running
 from resources.compute import build_compute
+from resources.downloader import DownloaderResource
 from resources.settings import Settings
 from resources.storage import LakeResource
 
@@ -14,11 +16,19 @@ from resources.storage import LakeResource
 def build_definitions(settings: Settings) -> dg.Definitions:
     """All definitions, wired to the given settings (the UI and `curation run` use the same ones)."""
     return dg.Definitions(
-        assets=[pairs],
-        sensors=[build_crawl_sensor(crawl_sensor_default_running(settings.crawl_root))],
+        assets=[pairs, downloads],
+        sensors=[
+            build_crawl_sensor(crawl_sensor_default_running(settings.crawl_root)),
+            # Declarative automation (downstream partitions follow upstream ones) needs a running
+            # automation sensor; Dagster's implicit one is off until enabled in the UI.
+            dg.AutomationConditionSensorDefinition(
+                "automation", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING
+            ),
+        ],
         resources={
             "lake": LakeResource(root=settings.lake_root, crawl_root=settings.crawl_root, crawls=list(settings.crawls)),
             "compute": build_compute(settings),
+            "downloader": DownloaderResource(allow_loopback=settings.allow_loopback),
         },
     )
 

@@ -7,7 +7,6 @@ in a persistent DAGSTER_HOME appear in `make ui`. Registered as the `run` subcom
 
 import argparse
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +73,6 @@ def run_crawls(
         task = progress.add_task("partitions", total=len(plan) + (1 if global_keys else 0))
         for crawl, seg in plan:
             progress.update(task, description=f"{crawl}|{seg}")
-            started = time.perf_counter()
             result = job.execute_in_process(
                 run_config=QUIET,
                 instance=instance,
@@ -82,31 +80,29 @@ def run_crawls(
                 asset_selection=partitioned,
                 raise_on_error=False,
             )
-            _collect(result, summary, time.perf_counter() - started, f"{crawl}|{seg}")
+            _collect(result, summary, f"{crawl}|{seg}")
             progress.advance(task)
         if global_keys:
             progress.update(task, description="global assets")
-            started = time.perf_counter()
             result = job.execute_in_process(
                 run_config=QUIET, instance=instance, asset_selection=global_keys, raise_on_error=False
             )
-            _collect(result, summary, time.perf_counter() - started, "global")
+            _collect(result, summary, "global")
             progress.advance(task)
     return summary
 
 
-def _collect(result: dg.ExecuteInProcessResult, summary: dict[str, AssetSummary], seconds: float, label: str) -> None:
-    done: set[str] = set()
+def _collect(result: dg.ExecuteInProcessResult, summary: dict[str, AssetSummary], label: str) -> None:
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
-        name = mat.asset_key.to_user_string()
-        entry = summary.setdefault(name, AssetSummary())
+        entry = summary.setdefault(mat.asset_key.to_user_string(), AssetSummary())
         entry.partitions_ok += 1
-        entry.seconds += seconds
         rows = mat.metadata.get("dagster/row_count")
         entry.rows += int(rows.value) if rows is not None else 0
-        done.add(name)
     for event in result.all_events:
+        if event.is_step_success and event.step_key:
+            millis = getattr(event.event_specific_data, "duration_ms", 0.0) or 0.0
+            summary.setdefault(event.step_key.split(".")[-1], AssetSummary()).seconds += millis / 1000
         if event.is_step_failure and event.step_key:
             name = event.step_key.split(".")[-1]
             entry = summary.setdefault(name, AssetSummary())

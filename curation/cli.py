@@ -66,6 +66,33 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _download(args: argparse.Namespace) -> int:
+    from curation import io
+    from curation.download import DownloadConfig, download_images
+    from curation.layout import join
+    from curation.netguard import NetPolicy
+
+    config = DownloadConfig(
+        image_size=args.image_size, resize_mode=args.resize_mode, processes=args.processes, threads=args.threads
+    )
+    policy = NetPolicy.with_loopback() if args.allow_loopback else NetPolicy()
+    result = download_images(args.pairs, args.out, config, policy)
+    io.write_parquet(result.table, join(args.out, "downloads.parquet"))
+    print(
+        json.dumps(
+            {
+                "rows": result.table.num_rows,
+                "by_status": result.counts_by_status,
+                "by_reason": result.counts_by_reason,
+                "success_rate": round(result.success_rate, 4),
+                "images_per_s": round(result.images_per_s, 1),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curation", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crawl", default="", help="crawl id recorded in the crawl column")
     p.add_argument("--segment", default="", help="segment recorded in the segment column")
     p.set_defaults(func=_extract)
+
+    p = sub.add_parser("download", help="download a pairs parquet's images into webdataset shards")
+    p.add_argument("pairs", help="parquet with uid, url, text (e.g. from `curation extract`)")
+    p.add_argument("out", help="output folder: shards/ and downloads.parquet")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--resize-mode", default="keep_ratio")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--threads", type=int, default=32)
+    p.add_argument("--allow-loopback", action="store_true", help="allow 127.0.0.0/8 (the sample web)")
+    p.set_defaults(func=_download)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()(sub)

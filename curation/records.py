@@ -31,6 +31,7 @@ HEIGHT = "height"
 SHA256 = "sha256"
 SHARD = "shard"
 KEY = "key"
+REASON = "reason"
 
 STATUS_SUCCESS = "success"
 STATUS_FAILED_DOWNLOAD = "failed_to_download"

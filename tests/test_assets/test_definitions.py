@@ -100,3 +100,21 @@ def test_build_definitions_uses_the_given_settings(tmp_path: Path) -> None:
     assert lake.root == str(tmp_path) and lake.crawl_root == "s3://commoncrawl"
     # Remote crawl roots keep the sensor off by default (egress), local mirrors turn it on.
     assert d.resolve_sensor_def("crawl_sensor").default_status == dg.DefaultSensorStatus.STOPPED
+
+
+def test_pairs_rerun_replaces_the_partition_exactly(sample_web: SampleWeb, tmp_path: Path) -> None:
+    from assets.pairs import pairs
+
+    lake = LakeResource(root=str(tmp_path / "lake"), crawl_root=str(sample_web.root))
+    key = f"{sample_web.config.crawl}|001"
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("cc_crawl", [sample_web.config.crawl])
+        tables = []
+        for _ in range(2):
+            result = dg.materialize([pairs], partition_key=key, resources={"lake": lake}, instance=instance)
+            assert result.success
+            path = next((tmp_path / "lake" / "pairs").glob("crawl=*/segment=001/pairs.parquet"))
+            tables.append(pq.read_table(path))
+        assert tables[0].equals(tables[1]) and tables[0].num_rows > 0
+        files = sorted(p.name for p in path.parent.iterdir())
+        assert files == ["_SUCCESS.json", "pairs.parquet"]  # no temporary files left behind

@@ -1,0 +1,508 @@
+"""The `downloads` stage core: fetch and resize images into webdataset shards with img2dataset.
+
+img2dataset does the work (sharding, threaded downloads, resize, hashing, tar/parquet writing, the
+multiprocessing distributor). Our policies plug in through its own extension points:
+
+- `GuardedDownloader` subclasses img2dataset's `Downloader`; its `__call__` runs in each worker process
+  and installs our guarded urllib opener as the process-global opener (`urllib.request.install_opener`),
+  which img2dataset's `download_image` uses because it calls `urlopen` without a context. That opener
+  (curation.netguard) carries the SSRF guard, the streaming body cap, the per-host connection cap and
+  the hop recorder whose per-shard side file gives `http_status` and `final_url`.
+- `GuardedResizer` subclasses img2dataset's `Resizer`: it refuses bodies under `min_image_bytes`,
+  unsupported formats and images over `max_image_pixels` from the image *header* (PIL lazy open),
+  before img2dataset's resizer would decode the whole image.
+- X-Robots-Tag opt-out, user-agent token, timeout and retries are img2dataset's own options.
+
+Status mapping (img2dataset status -> ours; `error` keeps img2dataset's `error_message`):
+  success -> success; failed_to_resize -> failed_to_resize (undecodable body, or refused by the
+  content rules: too small, wrong format, too many pixels); failed_to_download -> blocked when the
+  error is an SSRF/scheme block ("blocked: …") or the X-Robots-Tag opt-out, else failed_to_download
+  (network, HTTP error, truncated or oversized body, too many redirects). A row with no img2dataset
+  result at all (its shard crashed twice) is failed_to_download with error `NO_RESULT`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import urllib.request
+import uuid
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, BinaryIO, cast
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from curation import records as R
+from curation.io import filesystem, is_local
+from curation.layout import join
+from curation.netguard import NetPolicy, install_process_guard
+
+# albumentations (imported by img2dataset's resizer, here and in every spawned worker, which inherits
+# this environment) phones home for updates on import unless this is set. Setting it is a write for the
+# library we launch, not configuration read by us.
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+
+from img2dataset.distributor import multiprocessing_distributor
+from img2dataset.downloader import Downloader, compute_key
+from img2dataset.reader import Reader
+from img2dataset.resizer import ResizeMode, Resizer
+from img2dataset.writer import WebDatasetSampleWriter
+
+RESIZE_MODES = tuple(ResizeMode.__members__)
+ENCODE_FORMATS = ("jpg", "png", "webp")
+ROBOTS_ERROR = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's opt-out message
+NO_RESULT = "no result: img2dataset shard failed"
+SHARDS_DIR = "shards"
+OOM_SHARD_COUNT = 5  # shard names have 5 digits, as in img2dataset and the LAION releases
+
+DOWNLOADS_SCHEMA = pa.schema([
+    (R.UID, pa.int64()),
+    (R.STATUS, pa.string()),
+    (R.ERROR, pa.string()),
+    (R.HTTP_STATUS, pa.int32()),
+    (R.FINAL_URL, pa.string()),
+    (R.ORIGINAL_WIDTH, pa.int32()),
+    (R.ORIGINAL_HEIGHT, pa.int32()),
+    (R.WIDTH, pa.int32()),
+    (R.HEIGHT, pa.int32()),
+    (R.SHA256, pa.string()),
+    (R.SHARD, pa.string()),
+    (R.KEY, pa.string()),
+    (R.REASON, pa.string()),
+])
+
+# A stable reason code per error string (errors carry addresses and sizes, reasons group them).
+_REASON_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("blocked: ", "ssrf_blocked"),
+    (ROBOTS_ERROR, "x_robots_tag"),
+    ("IncompleteRead", "truncated"),
+    ("body too small", "too_small"),
+    ("body too large", "too_large"),
+    ("too many pixels", "too_many_pixels"),
+    ("not an image", "not_an_image"),
+    ("unsupported image format", "unsupported_format"),
+    ("Image decoding error", "decode_error"),
+    ("too many redirects", "redirect_loop"),
+    (NO_RESULT, "shard_failed"),
+)
+
+
+def classify_error(error: str | None) -> str | None:
+    """The reason code of a download error string (None for no error)."""
+    if error is None:
+        return None
+    if error.startswith("HTTP Error "):
+        code = error[len("HTTP Error "):].split(":", 1)[0].strip()
+        if code in ("301", "302", "303", "307", "308") and "infinite loop" in error:
+            return "redirect_loop"
+        return f"http_{code}" if code.isdigit() else "http_error"
+    for prefix, reason in _REASON_PREFIXES:
+        if error.startswith(prefix):
+            return reason
+    low = error.lower()
+    if "timed out" in low or "timeout" in low:
+        return "timeout"
+    if "connection refused" in low:
+        return "connection_refused"
+    if "name or service not known" in low or "nodename nor servname" in low or "getaddrinfo" in low:
+        return "dns_error"
+    return "other"
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """How images are fetched, checked and resized. Defaults follow the LAION download rules."""
+
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"
+    resize_only_if_bigger: bool = True
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    min_image_bytes: int = 5000  # LAION: reject bodies under 5000 bytes; 0 disables
+    max_image_bytes: int = 32 * 1024 * 1024  # cut off while streaming
+    max_image_pixels: int = 89_478_484  # LAION: PIL's MAX_IMAGE_PIXELS - 1, checked from the header
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # PIL format names; () allows any
+    disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    user_agent_token: str = "curation"
+    timeout_s: float = 10.0
+    retries: int = 1
+    max_connections_per_host: int | None = 4  # per worker process
+    processes: int = 1
+    threads: int = 32
+    number_sample_per_shard: int = 10_000
+    max_shard_retry: int = 1
+    extract_exif: bool = False
+
+    def __post_init__(self) -> None:
+        if self.image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {self.image_size}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if self.encode_format not in ENCODE_FORMATS:
+            raise ValueError(f"encode_format must be one of {ENCODE_FORMATS}, got {self.encode_format!r}")
+        if self.encode_format == "png" and not 0 <= self.encode_quality <= 9:
+            raise ValueError(f"png encode_quality is a compression level 0-9, got {self.encode_quality}")
+        if self.encode_format != "png" and not 0 <= self.encode_quality <= 100:
+            raise ValueError(f"encode_quality must be in [0, 100], got {self.encode_quality}")
+        if self.min_image_bytes < 0:
+            raise ValueError(f"min_image_bytes must be >= 0, got {self.min_image_bytes}")
+        if self.max_image_bytes <= max(self.min_image_bytes, 0):
+            raise ValueError(f"max_image_bytes ({self.max_image_bytes}) must exceed min_image_bytes "
+                             f"({self.min_image_bytes})")
+        if self.max_image_pixels <= 0:
+            raise ValueError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+        if isinstance(self.allowed_formats, str) or isinstance(self.disallowed_header_directives, str):
+            raise TypeError("allowed_formats and disallowed_header_directives are tuples of strings")
+        if not self.user_agent_token or any(c in self.user_agent_token for c in ";()\r\n"):
+            raise ValueError(f"user_agent_token must be a plain token, got {self.user_agent_token!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.retries < 0 or self.max_shard_retry < 0:
+            raise ValueError("retries and max_shard_retry must be >= 0")
+        if self.max_connections_per_host is not None and self.max_connections_per_host < 1:
+            raise ValueError(f"max_connections_per_host must be >= 1 or None, got "
+                             f"{self.max_connections_per_host}")
+        if self.processes < 1 or self.threads < 1:
+            raise ValueError(f"processes and threads must be >= 1, got {self.processes}, {self.threads}")
+        if not 1 <= self.number_sample_per_shard <= 10**8:
+            raise ValueError(f"number_sample_per_shard must be in [1, 1e8], got "
+                             f"{self.number_sample_per_shard}")
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """The per-sample `downloads` table plus run-level counts."""
+
+    table: pa.Table
+    counts_by_status: dict[str, int]
+    counts_by_reason: dict[str, int]
+    success_rate: float
+    duration_s: float
+    images_per_s: float
+
+
+def header_refusal(data: BinaryIO, *, min_image_bytes: int, max_image_pixels: int,
+                   allowed_formats: tuple[str, ...]) -> str | None:
+    """Why the LAION content rules refuse this body, judged from its size and image header only.
+
+    PIL's `Image.open` is lazy: it parses the header for format and size and decodes no pixel data, so a
+    decompression bomb costs a few bytes of reading. Returns a reason string or None to accept.
+    """
+    data.seek(0, os.SEEK_END)
+    size = data.tell()
+    data.seek(0)
+    if size < min_image_bytes:
+        return f"body too small: {size} bytes < {min_image_bytes}"
+    try:
+        with Image.open(data) as im:
+            fmt, (width, height) = im.format, im.size
+    except Image.DecompressionBombError as err:  # over twice PIL's limit: PIL refuses to even open it
+        return f"too many pixels: {err}"
+    except UnidentifiedImageError:
+        return "not an image: unrecognised format"
+    except Exception as err:
+        return f"not an image: {err}"
+    finally:
+        data.seek(0)
+    if allowed_formats and fmt not in allowed_formats:
+        return f"unsupported image format {fmt}"
+    if width * height > max_image_pixels:
+        return f"too many pixels: {width}x{height} = {width * height} > {max_image_pixels}"
+    return None
+
+
+class GuardedResizer(Resizer):
+    """img2dataset's Resizer behind the header-only content rules (size, format, pixel count)."""
+
+    def __init__(self, *, min_image_bytes: int, max_image_pixels: int, allowed_formats: tuple[str, ...],
+                 **resizer_kwargs: Any) -> None:
+        super().__init__(**resizer_kwargs)
+        self.min_image_bytes = min_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.allowed_formats = allowed_formats
+
+    def __call__(self, img_stream: BinaryIO, blurring_bbox_list: Any = None) -> tuple[Any, ...]:
+        reason = header_refusal(img_stream, min_image_bytes=self.min_image_bytes,
+                                max_image_pixels=self.max_image_pixels, allowed_formats=self.allowed_formats)
+        if reason is not None:
+            return None, None, None, None, None, reason
+        return super().__call__(img_stream, blurring_bbox_list)
+
+
+class GuardedDownloader(Downloader):
+    """img2dataset's Downloader, run with our guarded opener installed in the worker process.
+
+    After each shard it writes the hop records (original URL -> http_status, final_url, block reason)
+    to `<netlog_dir>/<shard>.jsonl`; a retried shard overwrites its file.
+    """
+
+    def __init__(self, *, policy: NetPolicy, max_body_bytes: int, max_connections_per_host: int | None,
+                 netlog_dir: str, **downloader_kwargs: Any) -> None:
+        super().__init__(**downloader_kwargs)
+        self.policy = policy
+        self.max_body_bytes = max_body_bytes
+        self.max_connections_per_host = max_connections_per_host
+        self.netlog_dir = netlog_dir
+
+    def __call__(self, row: tuple[int, str]) -> tuple[bool, tuple[int, str]]:
+        guard = install_process_guard(self.policy, max_body_bytes=self.max_body_bytes,
+                                      max_connections_per_host=self.max_connections_per_host)
+        # Our header check already refuses oversized images; PIL's warning about them is noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        guard.recorder.drain()  # a worker handles one shard at a time: start it clean
+        result: tuple[bool, tuple[int, str]] = super().__call__(row)
+        shard_id = row[0]
+        path = os.path.join(self.netlog_dir, f"{shard_id:0{OOM_SHARD_COUNT}d}.jsonl")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rec in guard.recorder.drain():
+                f.write(json.dumps(rec) + "\n")
+        os.replace(tmp, path)
+        return result
+
+
+def _request_url(url: str | None) -> str | None:
+    """The URL as urllib's Request spells it (how the hop recorder keys it)."""
+    if url is None:
+        return None
+    try:
+        return str(urllib.request.Request(url).full_url)
+    except ValueError:
+        return url
+
+
+def _load_pairs(pairs: pa.Table | str) -> pa.Table:
+    if isinstance(pairs, str):
+        fs, path = filesystem(pairs)
+        table = pq.read_table(path, columns=[R.UID, R.URL, R.TEXT], filesystem=fs)
+    else:
+        missing = {R.UID, R.URL, R.TEXT} - set(pairs.column_names)
+        if missing:
+            raise ValueError(f"pairs table lacks columns {sorted(missing)}; it needs uid, url, text")
+        table = pairs.select([R.UID, R.URL, R.TEXT])
+    try:
+        return table.cast(pa.schema([(R.UID, pa.int64()), (R.URL, pa.string()), (R.TEXT, pa.string())]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ValueError(f"pairs columns must be uid:int64, url:string, text:string ({err})") from None
+
+
+def _build_downloader(config: DownloadConfig, policy: NetPolicy, column_list: list[str], output_folder: str,
+                      netlog_dir: str) -> GuardedDownloader:
+    resizer = GuardedResizer(
+        min_image_bytes=config.min_image_bytes,
+        max_image_pixels=config.max_image_pixels,
+        allowed_formats=config.allowed_formats,
+        image_size=config.image_size,
+        resize_mode=config.resize_mode,
+        resize_only_if_bigger=config.resize_only_if_bigger,
+        encode_quality=config.encode_quality,
+        encode_format=config.encode_format,
+    )
+    return GuardedDownloader(
+        policy=policy,
+        max_body_bytes=config.max_image_bytes,
+        max_connections_per_host=config.max_connections_per_host,
+        netlog_dir=netlog_dir,
+        sample_writer_class=WebDatasetSampleWriter,
+        resizer=resizer,
+        thread_count=config.threads,
+        save_caption=True,
+        extract_exif=config.extract_exif,
+        output_folder=output_folder,
+        column_list=column_list,
+        timeout=config.timeout_s,
+        number_sample_per_shard=config.number_sample_per_shard,
+        oom_shard_count=OOM_SHARD_COUNT,
+        compute_hash="sha256",
+        verify_hash_type=None,
+        encode_format=config.encode_format,
+        retries=config.retries,
+        user_agent_token=config.user_agent_token,
+        disallowed_header_directives=list(config.disallowed_header_directives) or None,
+    )
+
+
+def _read_netlogs(netlog_dir: str) -> pl.DataFrame:
+    rows: list[dict[str, Any]] = []
+    for name in sorted(os.listdir(netlog_dir)):
+        if name.endswith(".jsonl"):
+            shard = name.removesuffix(".jsonl")
+            with open(os.path.join(netlog_dir, name), encoding="utf-8") as f:
+                rows.extend({**json.loads(line), "shard": shard} for line in f if line.strip())
+    schema = pl.Schema({"shard": pl.String, "url": pl.String, "final_url": pl.String,
+                        "http_status": pl.Int32, "blocked": pl.String})
+    if not rows:
+        return pl.DataFrame(schema=schema)
+    return pl.DataFrame(rows, schema=schema).unique(["shard", "url"], keep="last", maintain_order=True)
+
+
+def build_downloads_table(pairs: pa.Table, shards_dir: str, netlog_dir: str,
+                          number_sample_per_shard: int) -> pa.Table:
+    """One `downloads` row per input pair, in input order, from img2dataset's shard parquets + hop logs."""
+    n = number_sample_per_shard
+    oom = math.ceil(math.log10(n))
+    expected = pl.DataFrame({
+        R.UID: pairs.column(R.UID).to_pylist(),
+        "_url": [_request_url(u) for u in pairs.column(R.URL).to_pylist()],
+        R.SHARD: [f"{i // n:0{OOM_SHARD_COUNT}d}" for i in range(pairs.num_rows)],
+        R.KEY: [compute_key(i % n, i // n, oom, OOM_SHARD_COUNT) for i in range(pairs.num_rows)],
+    }, schema={R.UID: pl.Int64, "_url": pl.String, R.SHARD: pl.String, R.KEY: pl.String})
+
+    fs, root = filesystem(shards_dir)
+    cols = ["key", "status", "error_message", "width", "height", "original_width", "original_height",
+            "sha256"]
+    parts = [pq.read_table(p, columns=cols, filesystem=fs) for p in sorted(fs.glob(f"{root}/*.parquet"))]
+    i2d_schema = pl.Schema({"key": pl.String, "status": pl.String, "error_message": pl.String,
+                            "width": pl.Int32, "height": pl.Int32, "original_width": pl.Int32,
+                            "original_height": pl.Int32, "sha256": pl.String})
+    frames = [cast(pl.DataFrame, pl.from_arrow(t)).cast(i2d_schema) for t in parts]
+    i2d = (pl.concat(frames) if frames else pl.DataFrame(schema=i2d_schema)).unique("key", keep="last")
+    hops = _read_netlogs(netlog_dir).rename({"url": "_url", "shard": R.SHARD})
+
+    err = pl.col("error_message")
+    status = (pl.when(pl.col("status").is_null()).then(pl.lit(R.STATUS_FAILED_DOWNLOAD))
+              .when(pl.col("status") == "success").then(pl.lit(R.STATUS_SUCCESS))
+              .when(pl.col("status") == "failed_to_resize").then(pl.lit(R.STATUS_FAILED_RESIZE))
+              .when(err.str.starts_with("blocked: ") | (err == ROBOTS_ERROR)).then(pl.lit(R.STATUS_BLOCKED))
+              .otherwise(pl.lit(R.STATUS_FAILED_DOWNLOAD)))
+    out = (expected.join(i2d, left_on=R.KEY, right_on="key", how="left", maintain_order="left")
+           .join(hops, on=[R.SHARD, "_url"], how="left", maintain_order="left")
+           .select(
+               pl.col(R.UID),
+               status.alias(R.STATUS),
+               pl.when(pl.col("status").is_null()).then(pl.lit(NO_RESULT))
+                 .when(pl.col("status") == "success").then(pl.lit(None, pl.String))
+                 .otherwise(err).alias(R.ERROR),
+               pl.col("http_status").alias(R.HTTP_STATUS),
+               pl.col("final_url").alias(R.FINAL_URL),
+               pl.col("original_width").alias(R.ORIGINAL_WIDTH),
+               pl.col("original_height").alias(R.ORIGINAL_HEIGHT),
+               pl.col("width").alias(R.WIDTH),
+               pl.col("height").alias(R.HEIGHT),
+               pl.col("sha256").alias(R.SHA256),
+               pl.col(R.SHARD),
+               pl.col(R.KEY),
+           ))
+    out = out.with_columns(pl.col(R.ERROR).map_elements(classify_error, return_dtype=pl.String).alias(R.REASON))
+    return out.to_arrow().cast(DOWNLOADS_SCHEMA)
+
+
+def _replace_dir(new: str, final: str) -> None:
+    """Put folder `new` at `final`, replacing whatever was there (rename on local disks)."""
+    fs, final_p = filesystem(final)
+    _, new_p = filesystem(new)
+    if is_local(final):
+        old = f"{final_p}.old-{uuid.uuid4().hex}"
+        if os.path.exists(final_p):
+            os.rename(final_p, old)
+        os.rename(new_p, final_p)
+        shutil.rmtree(old, ignore_errors=True)
+    else:  # object stores have no directory rename: remove, then move the new tree in
+        if fs.exists(final_p):
+            fs.rm(final_p, recursive=True)
+        fs.mv(new_p, final_p, recursive=True)
+
+
+def download_images(pairs: pa.Table | str, out_dir: str, config: DownloadConfig,
+                    policy: NetPolicy) -> DownloadResult:
+    """Download, check and resize the images of `pairs` (uid, url, text) into `<out_dir>/shards`.
+
+    Runs img2dataset (webdataset output, multiprocessing distributor) into a staging folder inside
+    `out_dir`, builds the `downloads` table (one row per input pair, failures included, see
+    DOWNLOADS_SCHEMA), then swaps the staging shards in, so a rerun replaces the previous shards
+    exactly. The table is returned, not written: the caller owns `downloads.parquet`.
+    """
+    started = time.perf_counter()
+    table = _load_pairs(pairs)
+    fs, out_p = filesystem(out_dir)
+    fs.makedirs(out_p, exist_ok=True)
+    for stale in fs.glob(f"{out_p}/.staging-*") + fs.glob(f"{out_p}/{SHARDS_DIR}.old-*"):
+        fs.rm(stale, recursive=True)  # leftovers of an interrupted run
+    staging = join(out_dir, f".staging-{uuid.uuid4().hex}")
+    staging_shards = join(staging, SHARDS_DIR)
+    fs.makedirs(filesystem(staging_shards)[1], exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="curation-download-") as work:
+            input_path = os.path.join(work, "pairs.parquet")
+            pq.write_table(table, input_path)
+            netlog_dir = os.path.join(work, "netlog")
+            os.makedirs(netlog_dir)
+            if table.num_rows:
+                os.makedirs(os.path.join(work, "reader"))
+                reader = Reader(input_path, "parquet", R.URL, R.TEXT, None, None, [R.UID],
+                                config.number_sample_per_shard, set(), os.path.join(work, "reader"), 0)
+                downloader = _build_downloader(config, policy, reader.column_list, staging_shards,
+                                               netlog_dir)
+                multiprocessing_distributor(config.processes, downloader, reader, None,
+                                            config.max_shard_retry)
+            downloads = build_downloads_table(table, staging_shards, netlog_dir,
+                                              config.number_sample_per_shard)
+        _replace_dir(staging_shards, join(out_dir, SHARDS_DIR))
+    finally:
+        if fs.exists(filesystem(staging)[1]):
+            fs.rm(filesystem(staging)[1], recursive=True)
+    return summarize(downloads, time.perf_counter() - started)
+
+
+def summarize(downloads: pa.Table, duration_s: float) -> DownloadResult:
+    """Counts by status and error, success rate and throughput of a `downloads` table."""
+    statuses = Counter(downloads.column(R.STATUS).to_pylist())
+    errors = Counter(e for e in downloads.column(R.REASON).to_pylist() if e is not None)
+    n = downloads.num_rows
+    ok = statuses.get(R.STATUS_SUCCESS, 0)
+    return DownloadResult(
+        table=downloads,
+        counts_by_status=dict(statuses),
+        counts_by_reason=dict(errors.most_common()),
+        success_rate=ok / n if n else 0.0,
+        duration_s=duration_s,
+        images_per_s=ok / duration_s if duration_s > 0 else 0.0,
+    )
+
+
+def verify_shards(downloads: pa.Table, shards_dir: str) -> list[str]:
+    """Problems between a `downloads` table and its webdataset shards (empty when consistent).
+
+    Every success row must have exactly its `<key>.jpg/.txt/.json` in its shard's tar, and the tars
+    must hold nothing else; every tar must open.
+    """
+    import tarfile
+
+    fs, root = filesystem(shards_dir)
+    expected: dict[str, set[str]] = {}
+    for row in downloads.select([R.STATUS, R.SHARD, R.KEY]).to_pylist():
+        if row[R.STATUS] == R.STATUS_SUCCESS:
+            expected.setdefault(row[R.SHARD], set()).add(row[R.KEY])
+    problems: list[str] = []
+    tars = {str(p).rsplit("/", 1)[-1].removesuffix(".tar"): str(p) for p in fs.glob(f"{root}/*.tar")}
+    for shard in sorted(set(expected) | set(tars)):
+        want = expected.get(shard, set())
+        if shard not in tars:
+            problems.append(f"shard {shard}: {len(want)} successes but no tar")
+            continue
+        try:
+            with fs.open(tars[shard], "rb") as f, tarfile.open(fileobj=f) as tar:
+                names = tar.getnames()
+        except (tarfile.TarError, OSError) as exc:
+            problems.append(f"shard {shard}: tar unreadable ({exc})")
+            continue
+        got: dict[str, set[str]] = {}
+        for name in names:
+            key, _, ext = name.partition(".")
+            got.setdefault(key, set()).add(ext)
+        if set(got) != want:
+            problems.append(f"shard {shard}: {len(set(got) - want)} keys in the tar not in the table, "
+                            f"{len(want - set(got))} successes missing from the tar")
+        incomplete = [k for k, exts in got.items() if not {"jpg", "txt", "json"} <= exts]
+        if incomplete:
+            problems.append(f"shard {shard}: {len(incomplete)} samples lack jpg/txt/json (e.g. {incomplete[0]})")
+    return problems
