@@ -52,7 +52,12 @@ def pairs(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materiali
             "dagster/row_count": n,
             "dagster/uri": dg.MetadataValue.path(table_path),
             "wat_files": len(wats),
-            "reasons": counts_table(result.counts),
+            "records": result.counts.get("records", 0),
+            "pages": result.counts.get("pages", 0),
+            "image_links": result.counts.get("image_links", 0),
+            "dropped_by_reason": counts_table(
+                {k: v for k, v in result.counts.items() if v and k not in _TOTALS}, "reason"
+            ),
             "pairs_per_s": round(n / seconds, 1),
             "mb_per_s": round(result.bytes_read / seconds / 1e6, 2),
             "languages": counts_table(
@@ -71,6 +76,9 @@ def pairs(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materiali
             )
         ],
     )
+
+
+_TOTALS = ("records", "pages", "image_links", "kept")
 
 
 def _value_counts(values: list[str]) -> tuple[list[str], list[int]]:

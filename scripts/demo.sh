@@ -8,8 +8,11 @@ ensure_sample
 start_sample_server
 "$BIN/curation" run --crawl-root "$SAMPLE" --lake "$LAKE" --dagster-home "$DAGSTER_HOME" --allow-loopback
 echo
-"$BIN/curation" sql "$LAKE" "SELECT crawl, segment, count(*) AS pairs, count(DISTINCT language) AS languages
-                              FROM pairs GROUP BY ALL ORDER BY ALL"
+"$BIN/curation" sql "$LAKE" "SELECT p.segment, count(*) AS pairs, count(DISTINCT p.language) AS languages,
+                                     count(*) FILTER (d.status = 'success') AS downloaded,
+                                     round(avg((d.status = 'success')::int), 3) AS success_rate
+                              FROM pairs p JOIN downloads d USING (crawl, segment, uid)
+                              GROUP BY ALL ORDER BY ALL"
 cat <<TXT
 
 Lake:        $LAKE   (query it: .venv/bin/curation sql $LAKE "SELECT * FROM pairs LIMIT 5")
