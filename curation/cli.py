@@ -93,6 +93,17 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_head(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from curation.heads import HeadTrainConfig, train_head
+
+    config = HeadTrainConfig(kind=args.kind, architecture=args.architecture, epochs=args.epochs, seed=args.seed)
+    meta = train_head(np.load(args.embeddings), np.load(args.labels), config, args.output, clip_model=args.clip_model)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curation", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=32)
     p.add_argument("--allow-loopback", action="store_true", help="allow 127.0.0.0/8 (the sample web)")
     p.set_defaults(func=_download)
+
+    p = sub.add_parser("train-head", help="fit a punsafe / pwatermark / aesthetic head on labelled embeddings")
+    p.add_argument("--kind", required=True, choices=("punsafe", "pwatermark", "aesthetic"))
+    p.add_argument("--embeddings", required=True, help=".npy of image embeddings (n x d)")
+    p.add_argument("--labels", required=True, help=".npy of labels: 0/1, or 0-10 scores for aesthetic")
+    p.add_argument("--clip-model", required=True, help="the CLIP model the embeddings come from (recorded)")
+    p.add_argument("--architecture", default="", help="aesthetic: linear (v1, default) or mlp_v2")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, help="checkpoint path (a .json sidecar is written beside it)")
+    p.set_defaults(func=_train_head)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()(sub)
