@@ -56,3 +56,12 @@ BAD_ENCODING = "non_utf8"
 BAD_RECORD = "malformed_record"
 TRUNCATED_FILE = "truncated_file"
 DROP_BLOCKED_URL = "blocked_url_substring"  # a configured blocked substring other than .svg/.gif
+
+# clip (one row per pair; `reason` is null for kept pairs)
+SIMILARITY = "similarity"
+KEEP = "keep"
+LANGUAGE_THRESHOLD = "language_threshold"
+STATUS_OK = "ok"
+STATUS_FAILED_DECODE = "failed_to_decode"
+STATUS_NOT_DOWNLOADED = "not_downloaded"
+DROP_LOW_SIMILARITY = "low_similarity"
