@@ -239,7 +239,10 @@ def test_internal_server_never_contacted(run: Run) -> None:
 
 def test_politeness_user_agent_and_host_cap(run: Run) -> None:
     assert run.allowed.user_agents and all("compatible; curation;" in ua for ua in run.allowed.user_agents)
-    assert run.allowed.peak <= CONFIG.max_connections_per_host  # type: ignore[operator]
+    # The server counts a request until its handler returns, a moment after the client has read (or, for
+    # errors and redirects, closed) the response and released its slot: allow that one of lag. Uncapped,
+    # the 8 worker threads overlap far more; test_netguard checks the cap strictly with slow replies.
+    assert run.allowed.peak <= CONFIG.max_connections_per_host + 1  # type: ignore[operator]
 
 
 def test_counts_and_rates(run: Run) -> None:
