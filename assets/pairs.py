@@ -1,6 +1,7 @@
 """The `pairs` asset: image URL + alt text extracted from one segment's WAT files."""
 
 import time
+from collections import Counter
 
 import dagster as dg
 
@@ -45,8 +46,8 @@ def pairs(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materiali
     io.write_parquet(result.table, table_path)
     n = result.table.num_rows
     io.write_marker(out_dir, {"rows": n, "counts": result.counts, "wat_files": wats})
-    uids = result.table.column(records.UID)
-    unique = len(set(uids.to_pylist())) == n
+    distinct_uids = len(set(result.table.column(records.UID).to_pylist()))
+    languages = Counter(result.table.column(records.LANGUAGE).to_pylist())
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": n,
@@ -60,29 +61,16 @@ def pairs(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.Materiali
             ),
             "pairs_per_s": round(n / seconds, 1),
             "mb_per_s": round(result.bytes_read / seconds / 1e6, 2),
-            "languages": counts_table(
-                {
-                    k or "(none)": v
-                    for k, v in zip(*_value_counts(result.table.column(records.LANGUAGE).to_pylist()), strict=True)
-                },
-                "language",
-            ),
+            "languages": counts_table({k or "(none)": v for k, v in languages.items()}, "language"),
         },
         check_results=[
             dg.AssetCheckResult(
                 check_name="uids_unique",
-                passed=unique,
-                metadata={"rows": n, "distinct_uids": len(set(uids.to_pylist()))},
+                passed=distinct_uids == n,
+                metadata={"rows": n, "distinct_uids": distinct_uids},
             )
         ],
     )
 
 
 _TOTALS = ("records", "pages", "image_links", "kept")
-
-
-def _value_counts(values: list[str]) -> tuple[list[str], list[int]]:
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return list(counts), list(counts.values())

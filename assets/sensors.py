@@ -15,11 +15,10 @@ PAIRS_KEY = dg.AssetKey("pairs")
 
 def listing_digests(crawl_root: str, crawl: str) -> dict[str, str]:
     """Segment key -> digest of its WAT file list, so a changed listing re-triggers only that segment."""
-    out: dict[str, str] = {}
-    for key in cc.segment_keys(crawl_root, crawl):
-        files = cc.wat_files(crawl_root, crawl, key)
-        out[key] = hashlib.sha1("\n".join(files).encode()).hexdigest()[:16]
-    return out
+    return {
+        key: hashlib.sha1("\n".join(files).encode()).hexdigest()[:16]
+        for key, files in cc.wat_files_by_segment(crawl_root, crawl).items()
+    }
 
 
 def build_crawl_sensor(default_running: bool) -> dg.SensorDefinition:

@@ -51,22 +51,28 @@ def discover_crawls(crawl_root: str) -> list[str]:
     return sorted(crawls)
 
 
+def wat_files_by_segment(crawl_root: str, crawl: str) -> dict[str, list[str]]:
+    """Segment key ("000", …: the index into the sorted segment ids) -> full paths/URLs of its WAT files,
+    from one read of the crawl's WAT listing."""
+    by_id: dict[str, list[str]] = {}
+    for path in read_listing(crawl_root, crawl, "wat"):
+        by_id.setdefault(segment_of(path), []).append(join(crawl_root, path))
+    return {f"{i:03d}": by_id[seg] for i, seg in enumerate(sorted(by_id))}
+
+
 def segments(crawl_root: str, crawl: str) -> list[str]:
     """The crawl's segment ids in sorted order; a partition's segment key is an index into this list."""
-    found = {segment_of(path) for path in read_listing(crawl_root, crawl, "wat")}
-    return sorted(found)
+    return sorted({segment_of(path) for path in read_listing(crawl_root, crawl, "wat")})
 
 
 def segment_keys(crawl_root: str, crawl: str) -> list[str]:
     """Partition keys ("000", "001", …) of the segments that exist in this crawl."""
-    return [f"{i:03d}" for i in range(len(segments(crawl_root, crawl)))]
+    return list(wat_files_by_segment(crawl_root, crawl))
 
 
 def wat_files(crawl_root: str, crawl: str, segment_key: str) -> list[str]:
     """Full paths/URLs of the WAT files of one segment (by its 3-digit index)."""
-    segs = segments(crawl_root, crawl)
-    index = int(segment_key)
-    if index >= len(segs):
-        raise ListingError(f"crawl {crawl} has {len(segs)} segments; segment index {segment_key} does not exist")
-    seg = segs[index]
-    return [join(crawl_root, path) for path in read_listing(crawl_root, crawl, "wat") if segment_of(path) == seg]
+    by_key = wat_files_by_segment(crawl_root, crawl)
+    if segment_key not in by_key:
+        raise ListingError(f"crawl {crawl} has {len(by_key)} segments; segment index {segment_key} does not exist")
+    return by_key[segment_key]

@@ -14,7 +14,6 @@ belong to, training figures) and identified by the checkpoint's sha256, recorded
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from curation.io import file_sha256
 
 KINDS = ("punsafe", "pwatermark", "aesthetic")
 ARCHITECTURES = {"punsafe": ("nsfw_mlp",), "pwatermark": ("watermark_mlp",), "aesthetic": ("linear", "mlp_v2")}
@@ -193,11 +194,3 @@ def load_head(path: str) -> Head:
     return Head(
         meta["kind"], meta["architecture"], int(meta["dim"]), meta.get("clip_model", ""), file_sha256(path), module
     )
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -93,6 +94,16 @@ def read_marker(partition_dir: str) -> dict[str, Any] | None:
 def clear_partition(partition_dir: str) -> None:
     """Remove a partition folder before it is rebuilt, so a rerun replaces it exactly."""
     remove(partition_dir)
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB chunks."""
+    fs, p = filesystem(path)
+    h = hashlib.sha256()
+    with fs.open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_int_column(paths: list[str], column: str) -> set[int]:

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from curation.io import atomic_path, is_local, write_json
+from curation.io import atomic_path, file_sha256, is_local, write_json
 from curation.sample_web import COLOURS, SHAPE_PLURALS, SHAPES, UNSAFE_CONCEPT
 
 log = logging.getLogger(__name__)
@@ -257,14 +257,6 @@ def sample_web_digest(sample_web_root: str) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _open_rgb(path: Path) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")
@@ -465,7 +457,7 @@ def train_toy_clip(sample_web_root: str, out_path: str, config: ToyClipTrainConf
             "model_config": arch,
             "train_config": asdict(config),
             "sample_web_digest": sample_web_digest(sample_web_root),
-            "sample_web_manifest_sha256": _file_sha256(manifest) if manifest.is_file() else None,
+            "sample_web_manifest_sha256": file_sha256(str(manifest)) if manifest.is_file() else None,
             "n_pairs": len(images),
             "n_skipped": skipped,
             "steps": step,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from curation import toyclip
+from curation.io import file_sha256
 from curation.sample_web import SampleWebConfig, generate_sample_web
 from curation.toyclip import (
     MODEL_DEFAULTS,
@@ -131,7 +132,7 @@ def test_checkpoint_loads_through_open_clip_and_reproduces_embeddings(
 
     # The sidecar is complete and its evaluation is what a fresh load measures.
     assert meta["model_name"] == TOY_MODEL_NAME
-    assert meta["checkpoint_sha256"] == toyclip._file_sha256(Path(tiny_checkpoint))
+    assert meta["checkpoint_sha256"] == file_sha256(str(tiny_checkpoint))
     assert meta["sample_web_digest"] == toyclip.sample_web_digest(str(sample_web.root))
     assert meta["train_config"]["epochs"] == TINY.epochs
     assert len(meta["epoch_losses"]) == TINY.epochs and meta["final_loss"] == meta["epoch_losses"][-1]
@@ -194,7 +195,9 @@ def default_web(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_default_toy_clip_zero_shot_above_current_floor(default_web: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_default_toy_clip_zero_shot_above_current_floor(
+    default_web: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """The shipped training config on the default sample web: held-out zero-shot top-1 accuracy above the
     floor, and calibrated thresholds that separate matching from mismatched held-out captions."""
     path = ensure_toy_clip(str(default_web), str(tmp_path_factory.mktemp("toyclip-default")))
