@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.clip import clip
 from assets.downloads import downloads
 from assets.pairs import pairs
 from assets.sensors import build_crawl_sensor, crawl_sensor_default_running
+from resources.clip_model import ClipModelResource
 from resources.compute import build_compute
 from resources.downloader import DownloaderResource
 from resources.settings import Settings
@@ -16,7 +18,7 @@ from resources.storage import LakeResource
 def build_definitions(settings: Settings) -> dg.Definitions:
     """All definitions, wired to the given settings (the UI and `curation run` use the same ones)."""
     return dg.Definitions(
-        assets=[pairs, downloads],
+        assets=[pairs, downloads, clip],
         sensors=[
             build_crawl_sensor(crawl_sensor_default_running(settings.crawl_root)),
             # Declarative automation (downstream partitions follow upstream ones) needs a running
@@ -29,6 +31,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             "lake": LakeResource(root=settings.lake_root, crawl_root=settings.crawl_root, crawls=list(settings.crawls)),
             "compute": build_compute(settings),
             "downloader": DownloaderResource(allow_loopback=settings.allow_loopback),
+            "clip_model": ClipModelResource(spec_path=settings.clip_spec, device=settings.clip_device),
         },
     )
 

@@ -137,6 +137,12 @@ def add_run_command(sub: Any) -> None:
         action="store_true",
         help="let the downloader reach 127.0.0.0/8 (the sample web); off by default",
     )
+    p.add_argument(
+        "--clip-spec",
+        default=os.environ.get("CURATION_CLIP_SPEC"),
+        help="models spec JSON for the clip asset (default $CURATION_CLIP_SPEC, else ViT-B-32/openai)",
+    )
+    p.add_argument("--clip-device", default=os.environ.get("CURATION_CLIP_DEVICE", "auto"))
     p.set_defaults(func=_run_command)
 
 
@@ -147,6 +153,8 @@ def _run_command(args: argparse.Namespace) -> int:
         crawl_root=str(args.crawl_root),
         compute=os.environ.get("CURATION_COMPUTE", "local"),
         allow_loopback=bool(args.allow_loopback),
+        clip_spec=args.clip_spec,
+        clip_device=args.clip_device,
     )
     crawls = args.crawl or cc.discover_crawls(settings.crawl_root)
     if not crawls:

@@ -104,6 +104,49 @@ def _train_head(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_model_cache() -> Path:
+    """Where trained sample-web models are cached: once per machine, shared by the demo and the tests."""
+    return Path.home() / ".cache" / "curation" / "models"
+
+
+def _train_toy_clip(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from curation.sample_models import ensure_sample_models
+    from curation.toyclip import ToyClipTrainConfig
+
+    config = ToyClipTrainConfig()
+    if args.epochs is not None:
+        config = replace(config, epochs=args.epochs)
+    if args.seed is not None:
+        config = replace(config, seed=args.seed)
+    spec = ensure_sample_models(args.sample_web, str(args.cache), config)
+    if args.spec_out:
+        from curation.io import write_json
+
+        write_json(spec, args.spec_out)
+    print(json.dumps({"pretrained": spec["pretrained"], "heads": spec["heads"],
+                      "threshold_en": spec["threshold_en"], "threshold_other": spec["threshold_other"],
+                      "evaluation": spec["evaluation"]}, indent=2))
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from curation.layout import Partition
+    from curation.scoring import ScoringConfig, score_partition
+
+    spec = json.loads(Path(args.spec).read_text())
+    overrides = {k: v for k, v in (("device", args.device), ("batch_size", args.batch_size),
+                                   ("num_workers", args.num_workers)) if v is not None}
+    result = score_partition(args.lake, Partition(args.crawl, args.segment), ScoringConfig.from_spec(spec, **overrides))
+    p = result.clip_pass
+    print(json.dumps({"table": result.table_path, "rows": result.table.num_rows, "embedded": p.n_embedded,
+                      "kept": p.n_kept, "by_reason": p.counts_by_reason, "by_nsfw_tag": result.counts_by_tag,
+                      "flagged": result.n_flagged, "images_per_s": round(p.images_per_s, 1),
+                      "device": p.device}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curation", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, help="checkpoint path (a .json sidecar is written beside it)")
     p.set_defaults(func=_train_head)
+
+    p = sub.add_parser("train-toy-clip", help="train (or reuse) the sample web's toy CLIP and its heads")
+    p.add_argument("sample_web", help="a folder made by `curation sample-web` (its truth.parquet labels the data)")
+    p.add_argument("--cache", type=Path, default=default_model_cache(),
+                   help="checkpoint cache, keyed by content (default ~/.cache/curation/models)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--spec-out", default=None, help="also write the models spec JSON here")
+    p.set_defaults(func=_train_toy_clip)
+
+    p = sub.add_parser("score", help="run the CLIP pass for one lake partition (what the clip asset runs)")
+    p.add_argument("lake")
+    p.add_argument("--crawl", required=True)
+    p.add_argument("--segment", required=True)
+    p.add_argument("--spec", required=True, help="models spec JSON (e.g. from train-toy-clip --spec-out)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.set_defaults(func=_score)
+
+    from curation.phash import add_phash_parser
+
+    add_phash_parser(sub)
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         ep.load()(sub)

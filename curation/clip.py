@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import time
 import warnings
 from collections import Counter
@@ -45,6 +46,7 @@ from curation.io import atomic_path, filesystem
 from curation.layout import join
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode formats, first found wins
 IMG_EMB_FILE = "img_emb.npy"
 TEXT_EMB_FILE = "text_emb.npy"
@@ -414,7 +416,8 @@ class ShardSamples(IterableDataset[Decoded]):
                 rgb = img.convert("RGB")
             return Decoded(uid, self.transform(rgb), None)
         except Exception as exc:  # PIL raises many types for bad bytes; each is a per-record failure
-            return Decoded(uid, None, f"{type(exc).__name__}: {exc}")
+            # PIL names the BytesIO object ("<_io.BytesIO object at 0x7f..>"); drop the address so reruns agree.
+            return Decoded(uid, None, f"{type(exc).__name__}: {_ADDRESS.sub('', str(exc))}")
 
 
 # ---------------------------------------------------------------------------------------------------

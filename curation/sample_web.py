@@ -521,7 +521,19 @@ def decompression_bomb_png(side: int = 20_000) -> bytes:
 # Captions
 
 
-def english_caption(shape: str, colour: str, background: str, count: int, rng: np.random.Generator) -> str:
+# Alt-text habits that carry what a caption-trained CLIP needs to notice watermarks and image quality, as
+# on the real web: stock agencies' watermarked previews name the agency, clean sharp images boast "HD".
+STOCK_SUFFIXES = (" - stock photo", " | royalty free stock image", " - Shutterstock preview", " stock illustration")
+SHARP_SUFFIXES = (" | HD wallpaper", " in 4K", ", high resolution")
+GRAINY_SUFFIXES = (" (grainy)", " - low quality scan", ", blurry old photo")
+FREE_SUFFIXES = (" - free download", " | free vector")
+SHARP_GRAIN, GRAINY_GRAIN = 12.0, 30.0  # grain (noise sd) at or below / above which the quality cues apply
+
+
+def english_caption(shape: str, colour: str, background: str, count: int, rng: np.random.Generator,
+                    *, watermark: bool = False, grain: float = 20.0) -> str:
+    """An English alt text for the image. Watermarked images usually (85 %) carry a stock-agency suffix;
+    sharp and grainy ones sometimes (40 %) say so; other captions get a generic suffix 20 % of the time."""
     noun = shape if count == 1 else SHAPE_PLURALS[shape]
     cw = COUNT_WORDS[count - 1]
     templates = (
@@ -532,8 +544,15 @@ def english_caption(shape: str, colour: str, background: str, count: int, rng: n
         f"illustration with {cw} {colour} {noun}",
     )
     text = templates[int(rng.integers(len(templates)))]
-    if rng.random() < 0.2:
-        text += (" - free download", " | HD wallpaper", " (stock photo)")[int(rng.integers(3))]
+    draw = rng.random()
+    if watermark and draw < 0.85:
+        return text + STOCK_SUFFIXES[int(rng.integers(len(STOCK_SUFFIXES)))]
+    if grain <= SHARP_GRAIN and draw < 0.4:
+        return text + SHARP_SUFFIXES[int(rng.integers(len(SHARP_SUFFIXES)))]
+    if grain > GRAINY_GRAIN and draw < 0.4:
+        return text + GRAINY_SUFFIXES[int(rng.integers(len(GRAINY_SUFFIXES)))]
+    if draw < 0.2:
+        text += FREE_SUFFIXES[int(rng.integers(len(FREE_SUFFIXES)))]
     return text
 
 
@@ -845,7 +864,8 @@ class _Planner:
             count = int(rng.integers(1, 5))
         background = spec.background if spec.background in BACKGROUND_WORDS else "plain"
         if lang == "en":
-            return english_caption(str(shape), str(colour), background, count, rng), not mismatch
+            return (english_caption(str(shape), str(colour), background, count, rng, watermark=spec.watermark,
+                                   grain=spec.grain), not mismatch)
         return translated_caption(lang, str(shape), str(colour), count), not mismatch
 
     # -- links ---------------------------------------------------------------------------------------

@@ -257,14 +257,14 @@ def sample_web_digest(sample_web_root: str) -> str:
     return h.hexdigest()
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")
 
 
 def _predecode(path: Path, shortest_side: int) -> Image.Image:
     """Decode once and shrink so the shortest side is `shortest_side` (never enlarges)."""
-    img = _open_rgb(path)
+    img = open_rgb(path)
     w, h = img.size
     scale = shortest_side / min(w, h)
     if scale < 1.0:
@@ -272,7 +272,7 @@ def _predecode(path: Path, shortest_side: int) -> Image.Image:
     return img
 
 
-def _image_rows(rows: Sequence[dict[str, Any]], behaviours: Sequence[str], split: str) -> list[dict[str, Any]]:
+def image_rows(rows: Sequence[dict[str, Any]], behaviours: Sequence[str], split: str) -> list[dict[str, Any]]:
     return [r for r in rows if r["http_behavior"] in behaviours and r["split"] == split and r["file"] is not None]
 
 
@@ -341,7 +341,7 @@ def train_toy_clip(sample_web_root: str, out_path: str, config: ToyClipTrainConf
     t_start = time.perf_counter()
 
     with _torch_state(config.seed, config.threads):
-        train = [r for r in _image_rows(rows, config.behaviours, "train") if r["caption_matches"]]
+        train = [r for r in image_rows(rows, config.behaviours, "train") if r["caption_matches"]]
         train.sort(key=lambda r: (r["file"], r["caption"]))
         order = np.random.default_rng(config.seed).permutation(len(train))
         train = [train[i] for i in order]
@@ -543,7 +543,7 @@ def load_clip(model_name: str, pretrained: str | None) -> LoadedClip:
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(model_name))
 
 
-def _distinct_images(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def distinct_images(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per distinct served image (exact copies share bytes), in a stable order."""
     seen: dict[str, dict[str, Any]] = {}
     for r in sorted(rows, key=lambda r: r["file"]):
@@ -552,13 +552,13 @@ def _distinct_images(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _zero_shot(clip: LoadedClip, root: Path, rows: Sequence[dict[str, Any]], split: str) -> dict[str, Any]:
-    targets = _distinct_images(_image_rows(rows, ("ok",), split))
+    targets = distinct_images(image_rows(rows, ("ok",), split))
     if not targets:
         raise ValueError(f"no '{split}' images with http_behavior 'ok' in the sample web")
     names = concept_names()
     classifier = torch.stack([clip.encode_texts(concept_prompts(c)).mean(0) for c in names])
     classifier = torch.nn.functional.normalize(classifier, dim=-1)
-    img = clip.encode_images([_open_rgb(root / r["file"]) for r in targets])
+    img = clip.encode_images([open_rgb(root / r["file"]) for r in targets])
     pred = (img @ classifier.T).argmax(dim=1).tolist()
     correct = [names[p] == r["concept"] for p, r in zip(pred, targets, strict=True)]
     errors: dict[str, int] = {}
@@ -613,7 +613,7 @@ def best_threshold(scores: Sequence[float], positive: Sequence[bool]) -> tuple[f
 
 def pair_similarities(clip: LoadedClip, root: Path, rows: Sequence[dict[str, Any]]) -> np.ndarray:
     """Cosine similarity of each row's image and caption under a loaded model."""
-    img = clip.encode_images([_open_rgb(root / r["file"]) for r in rows])
+    img = clip.encode_images([open_rgb(root / r["file"]) for r in rows])
     txt = clip.encode_texts([str(r["caption"]) for r in rows])
     return (img * txt).sum(dim=1).numpy()
 
@@ -623,7 +623,7 @@ def _calibrate(
 ) -> dict[str, Any]:
     """Per language group: the threshold fitted on the train split and how it separates held-out pairs."""
     out: dict[str, Any] = {}
-    by_split = {s: _image_rows(rows, behaviours, s) for s in ("train", "heldout")}
+    by_split = {s: image_rows(rows, behaviours, s) for s in ("train", "heldout")}
     sims = {s: pair_similarities(clip, root, rs) for s, rs in by_split.items()}
     for group in ("en", "other"):
         stats: dict[str, Any] = {}

@@ -18,6 +18,8 @@ class Settings:
     compute: str = "local"
     crawls: tuple[str, ...] = ()
     allow_loopback: bool = False
+    clip_spec: str | None = None
+    clip_device: str = "auto"
 
     def __post_init__(self) -> None:
         if self.compute not in ("local",):
@@ -26,7 +28,8 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         """CURATION_LAKE, CURATION_CRAWL_ROOT, CURATION_COMPUTE, CURATION_CRAWLS (comma list),
-        CURATION_ALLOW_LOOPBACK (1 to let the downloader reach 127.0.0.0/8, for the sample web)."""
+        CURATION_ALLOW_LOOPBACK (1 to let the downloader reach 127.0.0.0/8, for the sample web),
+        CURATION_CLIP_SPEC (models spec JSON for the clip asset), CURATION_CLIP_DEVICE (auto, cpu, cuda)."""
         lake = os.environ.get("CURATION_LAKE") or str(Path(".data/lake").absolute())
         crawls = tuple(c.strip() for c in os.environ.get("CURATION_CRAWLS", "").split(",") if c.strip())
         return cls(
@@ -35,4 +38,6 @@ class Settings:
             compute=os.environ.get("CURATION_COMPUTE", "local"),
             crawls=crawls,
             allow_loopback=os.environ.get("CURATION_ALLOW_LOOPBACK", "") in ("1", "true", "yes"),
+            clip_spec=os.environ.get("CURATION_CLIP_SPEC") or None,
+            clip_device=os.environ.get("CURATION_CLIP_DEVICE", "auto"),
         )

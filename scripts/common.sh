@@ -15,6 +15,15 @@ ensure_sample() {
   fi
 }
 
+# Train (once per machine; cached in ~/.cache/curation/models) the sample web's toy CLIP and heads, and
+# write their models spec where the clip asset reads it.
+CLIP_SPEC="${CLIP_SPEC:-$(pwd)/$DATA/models/sample-models.json}"
+ensure_sample_models() {
+  mkdir -p "$(dirname "$CLIP_SPEC")"
+  "$BIN/curation" train-toy-clip "$SAMPLE" --spec-out "$CLIP_SPEC" > "$DATA/models/train.log"
+  export CURATION_CLIP_SPEC="$CLIP_SPEC"
+}
+
 # Serve the sample web in the background until this shell exits.
 start_sample_server() {
   mkdir -p "$DATA"

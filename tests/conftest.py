@@ -7,10 +7,13 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 
+from curation.cli import default_model_cache
+from curation.sample_models import ensure_sample_models
 from curation.sample_server import SampleWebServer, serve_sample_web
 from curation.sample_web import SampleWebConfig, generate_sample_web
 
@@ -63,3 +66,18 @@ def sample_web(tmp_path_factory: pytest.TempPathFactory) -> SampleWeb:
 def sample_server(sample_web: SampleWeb) -> Iterator[SampleWebServer]:
     with serve_sample_web(sample_web.root) as web:
         yield web
+
+
+@pytest.fixture(scope="session")
+def default_web(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default sample web (what `make demo` generates), on a free port."""
+    root = tmp_path_factory.mktemp("sample-web-default")
+    generate_sample_web(root, SampleWebConfig(port=free_port()))
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_models(default_web: Path) -> dict[str, Any]:
+    """The toy CLIP and heads trained on the default sample web: the demo's models spec. Trained once per
+    machine into the shared cache (keyed by training config, code version and sample-web content)."""
+    return ensure_sample_models(str(default_web), str(default_model_cache()))

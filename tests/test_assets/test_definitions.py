@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pyarrow.parquet as pq
@@ -15,6 +16,7 @@ from assets.partitions import SEGMENTS_PER_CRAWL, crawl_segment_partitions
 from assets.runner import open_instance, run_crawls
 from assets.sensors import build_crawl_sensor
 from curation.cli import main as cli_main
+from curation.sample_server import SampleWebServer
 from resources.compute import LocalComputeResource
 from resources.settings import Settings
 from resources.storage import LakeResource
@@ -70,13 +72,22 @@ def test_crawl_sensor_adds_the_crawl_and_requests_each_segment(sample_web: Sampl
 
 
 def test_runner_materializes_every_partition_and_sql_sees_it(
-    sample_web: SampleWeb, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sample_web: SampleWeb,
+    sample_server: SampleWebServer,
+    sample_models: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     lake = tmp_path / "lake"
-    settings = Settings(lake_root=str(lake), crawl_root=str(sample_web.root), allow_loopback=True)
+    spec = tmp_path / "models.json"
+    spec.write_text(json.dumps(sample_models))
+    settings = Settings(lake_root=str(lake), crawl_root=str(sample_web.root), allow_loopback=True,
+                        clip_spec=str(spec), clip_device="cpu")
     instance = open_instance(None)
     summary = run_crawls(settings, instance, [sample_web.config.crawl], Console(file=None, quiet=True))
-    assert summary["pairs"].partitions_ok == 2 and summary["pairs"].partitions_failed == 0
+    for asset in ("pairs", "downloads", "clip"):
+        assert summary[asset].partitions_ok == 2 and summary[asset].partitions_failed == 0, summary[asset]
+    assert summary["clip"].rows == summary["pairs"].rows
     expected = sum(1 for r in sample_web.truth() if r["extract"])
     assert summary["pairs"].rows == expected
     assert instance.get_dynamic_partitions("cc_crawl") == [sample_web.config.crawl]

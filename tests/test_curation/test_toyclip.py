@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -13,7 +14,7 @@ import torch
 
 from curation import toyclip
 from curation.io import file_sha256
-from curation.sample_web import SampleWebConfig, generate_sample_web
+from curation.sample_web import generate_sample_web
 from curation.toyclip import (
     MODEL_DEFAULTS,
     TOY_MODEL_NAME,
@@ -29,10 +30,9 @@ from curation.toyclip import (
 )
 from tests.conftest import SampleWeb, free_port
 
+# Held-out top-1 over 37 classes (chance 0.027) that the shipped config must reach on the default web.
+ZERO_SHOT_TARGET = 0.90
 # A short budget on the 60-page fixture web: enough steps to move the weights, a few seconds to run.
-# The shipped config reaches ~0.74 held-out top-1 over 37 classes (chance 0.027); the issue's 0.90 target is
-# not met yet. Training is deterministic on a given machine type, so this floor does not flake.
-ZERO_SHOT_FLOOR = 0.70
 TINY = ToyClipTrainConfig(epochs=2, batch_size=32, max_pairs=128, warmup_steps=2, log_every_steps=4)
 
 
@@ -188,25 +188,17 @@ def test_model_defaults() -> None:
         model_defaults("RN50", "nonexistent")
 
 
-@pytest.fixture(scope="module")
-def default_web(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("sample-web-default")
-    generate_sample_web(root, SampleWebConfig(port=free_port()))
-    return root
-
-
-def test_default_toy_clip_zero_shot_above_current_floor(
-    default_web: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """The shipped training config on the default sample web: held-out zero-shot top-1 accuracy above the
-    floor, and calibrated thresholds that separate matching from mismatched held-out captions."""
-    path = ensure_toy_clip(str(default_web), str(tmp_path_factory.mktemp("toyclip-default")))
-    meta = json.loads(Path(path + ".json").read_text())
+def test_default_toy_clip_reaches_the_zero_shot_target(sample_models: dict[str, Any]) -> None:
+    """The shipped training config on the default sample web (the demo's model): held-out zero-shot top-1
+    accuracy over the 37 concepts at the target, and calibrated thresholds that separate matching from
+    mismatched held-out captions."""
+    meta = json.loads(Path(sample_models["pretrained"] + ".json").read_text())
+    assert meta["train_config"] == json.loads(json.dumps(asdict(ToyClipTrainConfig())))
     assert meta["zero_shot"]["images"] >= 300
     assert len(concept_names()) == 37
-    assert meta["zero_shot"]["accuracy"] >= ZERO_SHOT_FLOOR, meta["zero_shot"]
+    assert meta["zero_shot"]["accuracy"] >= ZERO_SHOT_TARGET, meta["zero_shot"]
     for group in ("en", "other"):
         cal = meta["calibration"][group]
-        assert cal["heldout_matched_above"] >= 0.8, cal
-        assert cal["heldout_mismatched_below"] >= 0.8, cal
+        assert cal["heldout_matched_above"] >= 0.9, cal
+        assert cal["heldout_mismatched_below"] >= 0.9, cal
     assert meta["threshold_en"] == meta["calibration"]["en"]["threshold"]

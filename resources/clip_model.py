@@ -1,0 +1,40 @@
+"""The CLIP model resource: which models spec the `clip` asset scores with, and how it runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+# Without a spec: LAION's filter model from a local hub cache (set HF_HUB_OFFLINE=1 on air-gapped nodes).
+DEFAULT_SPEC: dict[str, Any] = {"model_name": "ViT-B-32", "pretrained": "openai"}
+
+
+class ClipModelResource(dg.ConfigurableResource):
+    """The models spec (`spec_path`: JSON with model_name, pretrained, thresholds, heads, prompt sets; see
+    `curation.scoring.ScoringConfig.from_spec`) and run options. `gpus` > 0 requests GPUs from SLURM."""
+
+    spec_path: str | None = None
+    device: str = "auto"
+    precision: str = "fp16"
+    batch_size: int = 256
+    num_workers: int = 2
+    gpus: int = 0
+    walltime_s: int = 3600
+
+    def spec(self) -> dict[str, Any]:
+        """The models spec as a dict (the default ViT-B-32/openai one when no path is configured)."""
+        if self.spec_path is None:
+            return dict(DEFAULT_SPEC)
+        path = Path(self.spec_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"CLIP models spec {path} does not exist: write one (curation train-toy-clip "
+                                    "--spec-out for the sample web) or unset CURATION_CLIP_SPEC")
+        return dict(json.loads(path.read_text()))
+
+    def clip_options(self) -> dict[str, Any]:
+        """`ClipPassConfig` overrides sent to the payload."""
+        return {"device": self.device, "precision": self.precision, "batch_size": self.batch_size,
+                "num_workers": self.num_workers}
