@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.clip import clip
+from assets.dedupe import dedupe
 from assets.downloads import downloads
 from assets.pairs import pairs
 from assets.sensors import build_crawl_sensor, crawl_sensor_default_running
@@ -18,7 +19,7 @@ from resources.storage import LakeResource
 def build_definitions(settings: Settings) -> dg.Definitions:
     """All definitions, wired to the given settings (the UI and `curation run` use the same ones)."""
     return dg.Definitions(
-        assets=[pairs, downloads, clip],
+        assets=[pairs, downloads, clip, dedupe],
         sensors=[
             build_crawl_sensor(crawl_sensor_default_running(settings.crawl_root)),
             # Declarative automation (downstream partitions follow upstream ones) needs a running

@@ -44,6 +44,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from curation import records as R
 from curation.io import atomic_path, filesystem
 from curation.layout import join
+from curation.phash import IMG_SIZE as THUMB
+from curation.phash import hash_thumbnails, thumbnail
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -60,6 +62,7 @@ CLIP_SCHEMA = pa.schema([
     (R.STATUS, pa.string()),
     (R.LANGUAGE_THRESHOLD, pa.float32()),
     (R.ERROR, pa.string()),
+    (R.PHASH, pa.int64()),
 ])
 
 
@@ -322,6 +325,7 @@ class Decoded(NamedTuple):
     uid: int
     image: torch.Tensor | None
     error: str | None
+    thumb: np.ndarray | None = None  # the 32x32 L thumbnail pHash is computed from (curation.phash)
 
 
 class ImageBatch(NamedTuple):
@@ -331,6 +335,7 @@ class ImageBatch(NamedTuple):
     images: torch.Tensor  # [b, 3, H, W]
     failed_uids: torch.Tensor  # int64 [f]
     failed_errors: list[str]
+    thumbs: torch.Tensor  # uint8 [b, 32, 32]: pHash thumbnails of the same images
 
 
 def collate_samples(samples: list[Decoded]) -> ImageBatch:
@@ -343,6 +348,8 @@ def collate_samples(samples: list[Decoded]) -> ImageBatch:
         images=images,
         failed_uids=torch.tensor([s.uid for s in bad], dtype=torch.int64),
         failed_errors=[s.error or "" for s in bad],
+        thumbs=torch.from_numpy(np.stack([s.thumb for s in ok if s.thumb is not None])) if ok
+        else torch.zeros((0, THUMB, THUMB), dtype=torch.uint8),
     )
 
 
@@ -413,8 +420,9 @@ class ShardSamples(IterableDataset[Decoded]):
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
+                thumb = thumbnail(img)  # from the stored image itself, as imagehash.phash(Image.open(...))
                 rgb = img.convert("RGB")
-            return Decoded(uid, self.transform(rgb), None)
+            return Decoded(uid, self.transform(rgb), None, thumb)
         except Exception as exc:  # PIL raises many types for bad bytes; each is a per-record failure
             # PIL names the BytesIO object ("<_io.BytesIO object at 0x7f..>"); drop the address so reruns agree.
             return Decoded(uid, None, f"{type(exc).__name__}: {_ADDRESS.sub('', str(exc))}")
@@ -537,6 +545,7 @@ def run_clip_pass(shards_dir: str, pairs: pa.Table, downloads: pa.Table, out_dir
     img_chunks: list[np.ndarray] = []
     in_flight: list[torch.Tensor] = []
     uid_chunks: list[np.ndarray] = []
+    thumb_chunks: list[np.ndarray] = []
     failed: dict[int, str] = {}
     wait = model_s = text_s = 0.0
     tick = time.perf_counter()
@@ -548,6 +557,7 @@ def run_clip_pass(shards_dir: str, pairs: pa.Table, downloads: pa.Table, out_dir
             feats = encode_image_batch(clip.model, batch.images.to(device, non_blocking=True), autocast)
             in_flight.append(feats.to("cpu", non_blocking=True))  # async into pinned memory on CUDA
             uid_chunks.append(batch.uids.numpy())
+            thumb_chunks.append(batch.thumbs.numpy())
             if len(in_flight) >= _MAX_IN_FLIGHT:
                 img_chunks.append(_land(in_flight, device))
         mid = time.perf_counter()
@@ -585,7 +595,9 @@ def run_clip_pass(shards_dir: str, pairs: pa.Table, downloads: pa.Table, out_dir
     _save_npy(uids.astype(np.int64), files["uids"])
     write_s = time.perf_counter() - write_started
 
-    table = _result_table(pairs, config, downloads, uids, similarity, failed)
+    thumbs = np.concatenate(thumb_chunks) if thumb_chunks else np.zeros((0, THUMB, THUMB), np.uint8)
+    phashes = hash_thumbnails(thumbs)[order] if len(uids) else np.zeros(0, np.uint64)
+    table = _result_table(pairs, config, downloads, uids, similarity, failed, phashes)
     total = time.perf_counter() - started
     statuses = Counter(table.column(R.STATUS).to_pylist())
     reasons = Counter(r for r in table.column(R.REASON).to_pylist() if r is not None)
@@ -609,9 +621,11 @@ def run_clip_pass(shards_dir: str, pairs: pa.Table, downloads: pa.Table, out_dir
 
 
 def _result_table(pairs: pa.Table, config: ClipPassConfig, downloads: pa.Table, uids: np.ndarray,
-                  similarity: np.ndarray, failed: Mapping[int, str]) -> pa.Table:
+                  similarity: np.ndarray, failed: Mapping[int, str], phashes: np.ndarray) -> pa.Table:
     """One row per pair, in pairs order: ok rows scored, decode failures and non-downloads marked."""
     score = dict(zip(uids.tolist(), similarity.tolist(), strict=True))
+    # pHash bits stored as int64 (parquet has no uint64 that every reader handles); phash.to_hex reads them.
+    phash_of = dict(zip(uids.tolist(), phashes.view(np.int64).tolist(), strict=True))
     download_status = dict(zip(downloads.column(R.UID).to_pylist(), downloads.column(R.STATUS).to_pylist(),
                               strict=True))
     out: dict[str, list[Any]] = {name: [] for name in CLIP_SCHEMA.names}
@@ -637,4 +651,5 @@ def _result_table(pairs: pa.Table, config: ClipPassConfig, downloads: pa.Table, 
         out[R.STATUS].append(status)
         out[R.LANGUAGE_THRESHOLD].append(threshold)
         out[R.ERROR].append(error)
+        out[R.PHASH].append(phash_of.get(uid))
     return pa.Table.from_pydict(out, schema=CLIP_SCHEMA)

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from curation.layout import SUCCESS_MARKER, join
+from curation.layout import SUCCESS_MARKER, Partition, join
 
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -127,4 +127,14 @@ def finished_tables(stage_dir: str, table_name: str, exclude_dir: str | None = N
         table = f"{part_dir}/{table_name}"
         if fs.exists(table):
             out.append(fs.unstrip_protocol(table) if not isinstance(fs, LocalFileSystem) else table)
+    return out
+
+
+def finished_partitions(stage_dir: str) -> list[Partition]:
+    """The (crawl, segment) partitions under a stage folder whose success marker exists, in sorted order."""
+    fs, root = filesystem(stage_dir)
+    out = []
+    for marker in sorted(fs.glob(f"{root}/crawl=*/segment=*/{SUCCESS_MARKER}")):
+        crawl_dir, segment_dir = str(marker).rsplit("/", 3)[1:3]
+        out.append(Partition(crawl_dir.split("=", 1)[1], segment_dir.split("=", 1)[1]))
     return out

@@ -76,8 +76,11 @@ class PhashConfig:
 
 
 def to_hex(h: int | np.uint64) -> str:
-    """A 64-bit hash as imagehash's `str(ImageHash)`: 16 lowercase hex digits, zero-padded."""
+    """A 64-bit hash as imagehash's `str(ImageHash)`: 16 lowercase hex digits, zero-padded. Negative values are
+    the same bits stored as int64 (as the lake's parquet tables hold them)."""
     value = int(h)
+    if -(1 << 63) <= value < 0:
+        value += 1 << 64
     if not 0 <= value < 1 << 64:
         raise ValueError(f"not a 64-bit hash: {value}")
     return f"{value:0{HEX_DIGITS}x}"

@@ -89,3 +89,10 @@ def funnel_png(stages: Sequence[tuple[str, int]], *, title: str) -> bytes:
 def markdown_image(png: bytes, alt: str) -> str:
     """Markdown embedding `png` as a data URI (rendered inline by Dagster's markdown metadata)."""
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def counts_markdown(counts: dict[str, int], label: str) -> str:
+    """A two-column markdown table of counts, largest first."""
+    lines = [f"| {label} | rows |", "|---|---:|"]
+    lines += [f"| {k} | {v:,} |" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))]
+    return "\n".join(lines)

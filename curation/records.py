@@ -61,6 +61,7 @@ DROP_BLOCKED_URL = "blocked_url_substring"  # a configured blocked substring oth
 SIMILARITY = "similarity"
 KEEP = "keep"
 LANGUAGE_THRESHOLD = "language_threshold"
+PHASH = "phash"  # imagehash's pHash of the stored image, 64 bits as int64 (curation.phash.to_hex gives the hex)
 STATUS_OK = "ok"
 STATUS_FAILED_DECODE = "failed_to_decode"
 STATUS_NOT_DOWNLOADED = "not_downloaded"

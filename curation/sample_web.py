@@ -442,7 +442,8 @@ def _watermark(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     step = max(20, w // 5)
     text = (WATERMARK_TEXT + "   ") * (side // max(1, w // 9 * 5) + 2)
     for i, y in enumerate(range(0, side, step)):
-        d.text((-(i % 2) * step, y), text, fill=150, font=_font(max(14, w // 9)))
+        d.text((-(i % 2) * step, y), text, fill=160, font=_font(max(14, w // 9)), stroke_width=max(1, w // 100),
+               stroke_fill=160)
     mask = mask.rotate(float(rng.uniform(25, 40)), resample=Image.Resampling.BILINEAR)
     mask = mask.crop(((side - w) // 2, (side - h) // 2, (side - w) // 2 + w, (side - h) // 2 + h))
     return Image.composite(Image.new("RGB", (w, h), (255, 255, 255)), img, mask)
@@ -458,9 +459,15 @@ def draw_image(spec: ImageSpec) -> Image.Image:
     w, h = img.size
     field = Image.fromarray(rng.uniform(0.6, 1.25, size=(3, 3)).astype(np.float32), mode="F")
     light = np.asarray(field.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
-    # Grain: always a little (real photos are never flat), a lot on low-aesthetic images.
+    # Grain: always a little (real photos are never flat), a lot on low-aesthetic images. Half of it is
+    # blotchy (noise at 1/8 resolution, smoothly upsampled), like sensor noise after JPEG, so it survives the
+    # downscaling every model input goes through instead of averaging out.
     arr = np.asarray(img, dtype=np.float32) * light[:, :, None]
-    arr += rng.standard_normal(size=arr.shape, dtype=np.float32) * np.float32(spec.grain)
+    coarse = rng.standard_normal(size=(3, max(2, h // 8), max(2, w // 8)), dtype=np.float32)
+    blotches = np.stack([np.asarray(Image.fromarray(c, mode="F").resize((w, h), Image.Resampling.BICUBIC))
+                         for c in coarse], axis=2)
+    arr += rng.standard_normal(size=arr.shape, dtype=np.float32) * np.float32(spec.grain * 0.7)
+    arr += blotches * np.float32(spec.grain * 0.9)
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     return _watermark(img, rng) if spec.watermark else img
 
@@ -533,23 +540,23 @@ SHARP_GRAIN, GRAINY_GRAIN = 12.0, 30.0  # grain (noise sd) at or below / above w
 def english_caption(shape: str, colour: str, background: str, count: int, rng: np.random.Generator,
                     *, watermark: bool = False, grain: float = 20.0) -> str:
     """An English alt text for the image. Watermarked images usually (85 %) carry a stock-agency suffix;
-    sharp and grainy ones sometimes (40 %) say so; other captions get a generic suffix 20 % of the time."""
+    sharp and grainy ones mostly (70 %) say so; other captions get a generic suffix 20 % of the time."""
     noun = shape if count == 1 else SHAPE_PLURALS[shape]
     cw = COUNT_WORDS[count - 1]
     templates = (
         f"{cw} {colour} {noun} on a {BACKGROUND_WORDS[background]} background",
         f"a drawing of {cw} {colour} {noun}",
         f"{cw.capitalize()} {colour} {noun}, {BACKGROUND_WORDS[background]} backdrop",
-        f"stock picture: {cw} {colour} {noun}",
-        f"illustration with {cw} {colour} {noun}",
+        f"stock picture: {cw} {colour} {noun}, {BACKGROUND_WORDS[background]} background",
+        f"illustration with {cw} {colour} {noun} on {BACKGROUND_WORDS[background]}",
     )
     text = templates[int(rng.integers(len(templates)))]
     draw = rng.random()
     if watermark and draw < 0.85:
         return text + STOCK_SUFFIXES[int(rng.integers(len(STOCK_SUFFIXES)))]
-    if grain <= SHARP_GRAIN and draw < 0.4:
+    if grain <= SHARP_GRAIN and draw < 0.7:
         return text + SHARP_SUFFIXES[int(rng.integers(len(SHARP_SUFFIXES)))]
-    if grain > GRAINY_GRAIN and draw < 0.4:
+    if grain > GRAINY_GRAIN and draw < 0.7:
         return text + GRAINY_SUFFIXES[int(rng.integers(len(GRAINY_SUFFIXES)))]
     if draw < 0.2:
         text += FREE_SUFFIXES[int(rng.integers(len(FREE_SUFFIXES)))]

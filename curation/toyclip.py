@@ -45,6 +45,8 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 IMAGE_BEHAVIOURS = ("ok", "redirect", "slow", "x_robots_nofollow", "wrong_content_type")
 SAVE_DTYPES = ("float32", "float16")
 SIDECAR_SUFFIX = ".json"
+# Bumped whenever training code changes what a given config produces, so cached checkpoints are retrained.
+TRAIN_CODE_VERSION = 2
 
 # Published pair-filter thresholds per (model, pretrained tag), keyed "model/tag" (see `defaults_key`).
 # Only LAION-5B's ViT-B/32 numbers are documented (chosen by human inspection); other seed models carry
@@ -708,6 +710,7 @@ def cache_key(sample_web_root: str, config: ToyClipTrainConfig) -> str:
             "train_config": asdict(config),
             "model_config": model_config(config.model_name),
             "sample_web": sample_web_digest(sample_web_root),
+            "code_version": TRAIN_CODE_VERSION,
         },
         sort_keys=True,
         default=str,

@@ -6,7 +6,6 @@ scored here is the fixture web (seed 7), whose images none of the models saw, so
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import spearmanr
 
-from assets.clip import clip
-from assets.downloads import downloads
-from assets.pairs import pairs
 from curation import records as R
-from curation.sample_server import SampleWebServer
-from resources.clip_model import ClipModelResource
-from resources.compute import build_compute
-from resources.downloader import DownloaderResource
-from resources.settings import Settings
-from resources.storage import LakeResource
 from tests.conftest import SampleWeb
-
-SEGMENTS = ("000", "001")
+from tests.test_assets.conftest import SEGMENTS
 
 
 @pytest.fixture(scope="module")
-def scored(sample_web: SampleWeb, sample_server: SampleWebServer, sample_models: dict[str, Any],
-           tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dg.ExecuteInProcessResult]]:
-    lake = tmp_path_factory.mktemp("lake")
-    spec_path = lake.parent / "models-spec.json"
-    spec_path.write_text(json.dumps(sample_models))
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("cc_crawl", [sample_web.config.crawl])
-    resources = {
-        "lake": LakeResource(root=str(lake), crawl_root=str(sample_web.root)),
-        "downloader": DownloaderResource(allow_loopback=True, processes=1, threads=16),
-        "compute": build_compute(Settings(lake_root=str(lake), crawl_root=str(sample_web.root))),
-        "clip_model": ClipModelResource(spec_path=str(spec_path), device="cpu", num_workers=2, batch_size=64),
-    }
-    results = [dg.materialize([pairs, downloads, clip], partition_key=f"{sample_web.config.crawl}|{seg}",
-                              resources=resources, instance=instance, raise_on_error=False) for seg in SEGMENTS]
-    return lake, results
+def scored(scored_lake: tuple[Path, list[dg.ExecuteInProcessResult]]) -> tuple[Path, list[dg.ExecuteInProcessResult]]:
+    return scored_lake
 
 
 def _rows(lake: Path, sample_web: SampleWeb) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -31,6 +32,7 @@ from curation.clip import (
     run_clip_pass,
     zero_shot_tags,
 )
+from curation.phash import to_hex
 from tests.test_curation.conftest import FP16_TOL
 
 
@@ -194,6 +196,20 @@ def test_one_row_per_pair_with_statuses(partition: Partition, tiny_clip: LoadedC
     assert result.n_embedded == ok and result.embed_dim == 32
     assert result.precision == "fp32" and result.device == "cpu"
     assert result.images_per_s > 0 and result.seconds_decode_wait >= 0 and result.seconds_model > 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_phash_of_each_embedded_image_is_imagehash_of_its_stored_bytes(
+        partition: Partition, tiny_clip: LoadedClip, tiny_model_name: str, tmp_path: Path, workers: int) -> None:
+    """The pass hashes the image it decodes (no second decode): imagehash.phash of the shard bytes, per uid."""
+    result = run_clip_pass(str(partition.shards_dir), partition.pairs, partition.downloads, str(tmp_path / "emb"),
+                           tiny_config(tiny_model_name, num_workers=workers), clip=tiny_clip)
+    rows = rows_by_uid(result.table)
+    for uid, data in partition.image_bytes.items():
+        expected = str(imagehash.phash(Image.open(io.BytesIO(data))))
+        assert to_hex(rows[uid][R.PHASH]) == expected
+    assert rows[partition.corrupt_uid][R.PHASH] is None
+    assert all(rows[u][R.PHASH] is None for u in partition.failed_uids)
 
 
 def test_similarity_is_the_dot_product_of_stored_embeddings(partition: Partition, tiny_clip: LoadedClip,
