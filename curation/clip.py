@@ -162,7 +162,7 @@ def load_clip(config: ClipPassConfig) -> LoadedClip:
     started = time.perf_counter()
     device = config.resolve_device()
     precision = config.resolve_precision(device)
-    if precision != config.precision:
+    if precision != config.precision and config.device != "auto":  # 'auto' on a CPU-only node is expected
         warnings.warn(f"precision {config.precision} needs CUDA; running in fp32 on {device}",
                       RuntimeWarning, stacklevel=2)
     model, _, preprocess = open_clip.create_model_and_transforms(

@@ -33,6 +33,7 @@ from curation.toyclip import (
     image_rows,
     load_clip,
     open_rgb,
+    sample_web_digest,
     truth_rows,
 )
 
@@ -78,10 +79,10 @@ def _evaluate(kind: str, scores: np.ndarray, labels: np.ndarray) -> dict[str, An
     }
 
 
-def _spec_key(clip_sha: str, sample_web_root: str) -> str:
-    from curation.toyclip import sample_web_digest
-
-    payload = json.dumps({"clip": clip_sha, "web": sample_web_digest(sample_web_root), "version": SPEC_VERSION,
+def _spec_key(clip_meta: dict[str, Any], sample_web_root: str) -> str:
+    """Cache key of the heads and spec: the checkpoint, its calibrated thresholds, the web and the head configs."""
+    clip = {k: clip_meta.get(k) for k in ("checkpoint_sha256", "threshold_en", "threshold_other")}
+    payload = json.dumps({"clip": clip, "web": sample_web_digest(sample_web_root), "version": SPEC_VERSION,
                           "heads": {k: asdict(v) for k, v in HEAD_CONFIGS.items()}}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -117,12 +118,13 @@ def ensure_sample_models(sample_web_root: str, cache_dir: str, clip_config: ToyC
     """
     clip_path = ensure_toy_clip(sample_web_root, cache_dir, clip_config)
     clip_meta = json.loads(Path(clip_path + SIDECAR_SUFFIX).read_text())
-    key = _spec_key(clip_meta["checkpoint_sha256"], sample_web_root)
+    key = _spec_key(clip_meta, sample_web_root)
     spec_path = Path(cache_dir) / f"sample-models-{key}.json"
     if spec_path.is_file():
         spec: dict[str, Any] = json.loads(spec_path.read_text())
-        if all(Path(p).is_file() and file_sha256(p) == spec["evaluation"][k]["sha256"]
-               for k, p in spec["heads"].items()):
+        heads_intact = all(Path(p).is_file() and file_sha256(p) == spec["evaluation"][k]["sha256"]
+                           for k, p in spec["heads"].items())
+        if spec.get("pretrained") == clip_path and heads_intact:
             log.info("sample models: using cached %s", spec_path)
             return spec
     heads, evaluation = train_sample_heads(sample_web_root, clip_meta["model_name"], clip_path, cache_dir, key)

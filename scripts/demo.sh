@@ -9,10 +9,16 @@ ensure_sample_models
 start_sample_server
 "$BIN/curation" run --crawl-root "$SAMPLE" --lake "$LAKE" --dagster-home "$DAGSTER_HOME" --allow-loopback
 echo
-"$BIN/curation" sql "$LAKE" "SELECT p.segment, count(*) AS pairs, count(DISTINCT p.language) AS languages,
+"$BIN/curation" sql "$LAKE" "SELECT p.segment, count(*) AS pairs,
                                      count(*) FILTER (d.status = 'success') AS downloaded,
-                                     round(avg((d.status = 'success')::int), 3) AS success_rate
+                                     count(*) FILTER (c.keep) AS clip_kept,
+                                     count(*) FILTER (c.nsfw_tag <> 'UNLIKELY' OR c.punsafe > 0.5) AS unsafe_flagged,
+                                     count(*) FILTER (c.pwatermark > 0.8) AS watermarked,
+                                     round(avg(c.aesthetic), 2) AS mean_aesthetic,
+                                     count(*) FILTER (x.survivor) AS dedupe_survivors
                               FROM pairs p JOIN downloads d USING (crawl, segment, uid)
+                                   JOIN clip c USING (crawl, segment, uid)
+                                   LEFT JOIN dedupe x USING (crawl, segment, uid)
                               GROUP BY ALL ORDER BY ALL"
 cat <<TXT
 

@@ -176,7 +176,7 @@ def test_config_is_validated(bad: dict[str, object]) -> None:
 
 def test_config_defaults() -> None:
     c = DedupeConfig()
-    assert (c.radius, c.use_embeddings, c.embedding_threshold, c.only_kept) == (4, False, 0.94, True)
+    assert (c.radius, c.use_embeddings, c.embedding_threshold, c.only_kept) == (6, False, 0.94, True)
 
 
 # ----------------------------------------------------------------------------------------------- layers
