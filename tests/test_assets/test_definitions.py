@@ -88,13 +88,15 @@ def test_runner_materializes_every_partition_and_sql_sees_it(
     for asset in ("pairs", "downloads", "clip"):
         assert summary[asset].partitions_ok == 2 and summary[asset].partitions_failed == 0, summary[asset]
     assert summary["clip"].rows == summary["pairs"].rows
+    assert summary["dedupe"].partitions_ok == 1 and summary["dedupe"].partitions_failed == 0, summary["dedupe"]
     expected = sum(1 for r in sample_web.truth() if r["extract"])
     assert summary["pairs"].rows == expected
     assert instance.get_dynamic_partitions("cc_crawl") == [sample_web.config.crawl]
     tables = sorted(lake.glob("pairs/crawl=*/segment=*/pairs.parquet"))
     assert len(tables) == 2 and sum(pq.read_metadata(t).num_rows for t in tables) == expected
-    # The same Definitions as the UI: the runs and materializations are in the instance.
-    assert len(instance.get_runs()) == 2
+    # The same Definitions as the UI: the runs and materializations are in the instance (one run per
+    # partition, then one for the global assets).
+    assert len(instance.get_runs()) == 3
     assert (
         cli_main(
             ["sql", str(lake), "SELECT count(*) AS n, count(DISTINCT segment) AS s FROM pairs", "--format", "json"]
