@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 HEAD_CONFIGS: dict[str, HeadTrainConfig] = {
     "punsafe": HeadTrainConfig(kind="punsafe", epochs=150),
-    "pwatermark": HeadTrainConfig(kind="pwatermark", epochs=600, lr=2e-3),
+    "pwatermark": HeadTrainConfig(kind="pwatermark", epochs=1000, lr=5e-3),
     "aesthetic": HeadTrainConfig(kind="aesthetic", architecture="mlp_v2", epochs=100),
 }
 SPEC_VERSION = 1
