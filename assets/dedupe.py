@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.clip import clip
+from assets.metadata import counts_table
 from curation import plots
 from curation.dedupe import DedupeConfig, dedupe_lake, verify_dedupe
 from curation.gallery import gallery_png, read_sample_image
@@ -76,9 +77,9 @@ def dedupe(context: dg.AssetExecutionContext, config: DedupeRunConfig, lake: Lak
             "duplicate_clusters": result.duplicate_clusters,
             "duplicates_removed": result.duplicates_removed,
             "survivors": result.clusters,
-            "by_reason": dg.MetadataValue.md(plots.counts_markdown(result.by_reason, "reason")),
+            "by_reason": counts_table(result.by_reason),
             "links_by_layer": dg.MetadataValue.json(result.edges_by_layer),
-            "cluster_sizes": dg.MetadataValue.md(plots.counts_markdown({str(s): n for s, n in sizes}, "size")),
+            "cluster_sizes": counts_table({str(s): n for s, n in sizes}, "size"),
             "charts": dg.MetadataValue.md(plots.markdown_image(size_chart, "cluster sizes")),
             "gallery": dg.MetadataValue.md(plots.markdown_image(
                 gallery_png(gallery_rows, title="example clusters (survivor first)"), "example clusters")

@@ -426,17 +426,11 @@ def _read_partition(lake: Lake, part: Partition, config: DedupeConfig) -> pa.Tab
     }, schema=NODES_SCHEMA)
 
 
-def _load_npy(path: str) -> np.ndarray:
-    fs, p = io.filesystem(path)
-    with fs.open(p, "rb") as f:
-        return np.load(f, allow_pickle=False)
-
-
 def _read_embeddings(lake: Lake, part: Partition, uids: np.ndarray) -> np.ndarray:
     """The L2-normalised float32 image embeddings of `uids` (rows in that order) from the partition's npy files."""
     emb_dir = lake.embeddings_dir(part)
-    emb = _load_npy(join(emb_dir, IMG_EMB_FILE))
-    emb_uids = _load_npy(join(emb_dir, UIDS_FILE)).astype(np.int64)
+    emb = io.read_npy(join(emb_dir, IMG_EMB_FILE))
+    emb_uids = io.read_npy(join(emb_dir, UIDS_FILE)).astype(np.int64)
     if emb.ndim != 2 or len(emb) != len(emb_uids):
         raise ValueError(f"{emb_dir}: {IMG_EMB_FILE} of shape {emb.shape} does not match {len(emb_uids)} uids")
     rows = emb[_positions(emb_uids, uids, f"{emb_dir}/{UIDS_FILE}")].astype(np.float32)

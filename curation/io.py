@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -58,6 +59,13 @@ def write_bytes(data: bytes, path: str) -> None:
     fs, _ = filesystem(path)
     with atomic_path(path) as tmp, fs.open(tmp, "wb") as f:
         f.write(data)
+
+
+def read_npy(path: str) -> np.ndarray:
+    """A .npy array from a local path or fsspec URL (no pickles)."""
+    fs, p = filesystem(path)
+    with fs.open(p, "rb") as f:
+        return np.load(f, allow_pickle=False)
 
 
 def write_json(obj: Any, path: str) -> None:

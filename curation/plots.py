@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -91,8 +91,8 @@ def markdown_image(png: bytes, alt: str) -> str:
     return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
 
 
-def counts_markdown(counts: dict[str, int], label: str) -> str:
-    """A two-column markdown table of counts, largest first."""
-    lines = [f"| {label} | rows |", "|---|---:|"]
+def counts_markdown(counts: Mapping[str, int], label: str) -> str:
+    """A two-column markdown table of counts, largest first (every stage's by-status/by-reason metadata)."""
+    lines = [f"| {label} | count |", "|---|---:|"]
     lines += [f"| {k} | {v:,} |" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))]
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from curation.clip import (
     run_clip_pass,
 )
 from curation.heads import KINDS, Head, load_head
-from curation.io import file_sha256, filesystem, remove, write_marker, write_parquet
+from curation.io import file_sha256, filesystem, read_npy, remove, write_marker, write_parquet
 from curation.layout import Lake, Partition, join
 from curation.toyclip import model_defaults, register_model_configs
 
@@ -168,12 +168,6 @@ def _read_table(path: str, what: str) -> pa.Table:
     return pq.read_table(p, filesystem=fs)
 
 
-def _load_npy(path: str) -> np.ndarray:
-    fs, p = filesystem(path)
-    with fs.open(p, "rb") as f:
-        return np.load(f)
-
-
 def score_partition(lake_root: str, part: Partition, config: ScoringConfig) -> ScoreResult:
     """Run the CLIP pass for one partition and write its `clip` table and embeddings (marker last).
 
@@ -199,8 +193,8 @@ def score_partition(lake_root: str, part: Partition, config: ScoringConfig) -> S
     heads = _load_heads(config, model.embed_dim)
     result = run_clip_pass(lake.shards_dir(part), pairs, downloads, lake.embeddings_dir(part), config.clip, clip=model)
 
-    img_emb = _load_npy(join(lake.embeddings_dir(part), IMG_EMB_FILE)).astype(np.float32)
-    npy_uids = _load_npy(join(lake.embeddings_dir(part), UIDS_FILE))
+    img_emb = read_npy(join(lake.embeddings_dir(part), IMG_EMB_FILE)).astype(np.float32)
+    npy_uids = read_npy(join(lake.embeddings_dir(part), UIDS_FILE))
     row_of = {int(u): i for i, u in enumerate(npy_uids.tolist())}
     ok = [int(u) for u, s in zip(result.table.column(R.UID).to_pylist(), result.table.column(R.STATUS).to_pylist(),
                                  strict=True) if s == R.STATUS_OK]
@@ -272,13 +266,13 @@ def verify_clip_partition(lake_root: str, part: Partition) -> list[str]:
     problems: list[str] = []
     table = _read_table(lake.table("clip", part), "clip")
     emb_dir = lake.embeddings_dir(part)
-    uids = _load_npy(join(emb_dir, UIDS_FILE))
+    uids = read_npy(join(emb_dir, UIDS_FILE))
     status = table.column(R.STATUS).to_pylist()
     ok_uids = [u for u, s in zip(table.column(R.UID).to_pylist(), status, strict=True) if s == R.STATUS_OK]
     if ok_uids != uids.tolist():
         problems.append(f"uids.npy ({len(uids)}) differs from the table's {len(ok_uids)} ok rows")
     for name in (IMG_EMB_FILE, TEXT_EMB_FILE):
-        emb = _load_npy(join(emb_dir, name)).astype(np.float32)
+        emb = read_npy(join(emb_dir, name)).astype(np.float32)
         if emb.shape[0] != len(uids):
             problems.append(f"{name} has {emb.shape[0]} rows for {len(uids)} uids")
         elif len(emb):
@@ -293,12 +287,6 @@ def verify_clip_partition(lake_root: str, part: Partition) -> list[str]:
             problems.append(f"{column} is set on {int(present.sum())} rows, expected exactly the {int(is_ok.sum())} "
                             "ok rows")
     return problems
-
-
-def _md_counts(counts: Mapping[str, int], label: str) -> str:
-    lines = [f"| {label} | rows |", "|---|---:|"]
-    lines += [f"| {k} | {v:,} |" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
-    return "\n".join(lines)
 
 
 def report_metadata(result: ScoreResult, config: ScoringConfig) -> dict[str, dict[str, Any]]:
@@ -341,9 +329,9 @@ def report_metadata(result: ScoreResult, config: ScoringConfig) -> dict[str, dic
         "heads": {"raw_value": dict(result.head_sha256), "type": "json"},
         "thresholds": {"raw_value": {"en": config.clip.threshold_en, "other": config.clip.threshold_other},
                        "type": "json"},
-        "by_status": {"raw_value": _md_counts(p.counts_by_status, "status"), "type": "md"},
-        "by_reason": {"raw_value": _md_counts(p.counts_by_reason, "reason"), "type": "md"},
-        "by_nsfw_tag": {"raw_value": _md_counts(result.counts_by_tag, NSFW_TAG), "type": "md"},
+        "by_status": {"raw_value": plots.counts_markdown(p.counts_by_status, "status"), "type": "md"},
+        "by_reason": {"raw_value": plots.counts_markdown(p.counts_by_reason, "reason"), "type": "md"},
+        "by_nsfw_tag": {"raw_value": plots.counts_markdown(result.counts_by_tag, NSFW_TAG), "type": "md"},
         "flagged": {"raw_value": dict(result.n_flagged), "type": "json"},
         "charts": {"raw_value": "\n\n".join(charts), "type": "md"},
         "embeddings": {"raw_value": result.clip_pass.files.get("img_emb", ""), "type": "path"},
