@@ -8,6 +8,7 @@ from assets.metadata import counts_table
 from curation import plots
 from curation.dedupe import DedupeConfig, dedupe_lake, verify_dedupe
 from curation.gallery import gallery_png, read_sample_image
+from curation.integrity import verify_partition_counts
 from curation.io import finished_partitions
 from curation.layout import Partition
 from resources.storage import LakeResource
@@ -40,6 +41,13 @@ class DedupeRunConfig(dg.Config):
             blocking=True,
             description="Each deduped partition has one dedupe row per clip row kept by the similarity filter.",
         ),
+        dg.AssetCheckSpec(
+            "partition_counts_agree",
+            asset="dedupe",
+            blocking=True,
+            description="Per partition, row counts agree along the lineage: downloads and clip hold one row per "
+            "pair, dedupe one row per kept clip row.",
+        ),
     ],
 )
 def dedupe(context: dg.AssetExecutionContext, config: DedupeRunConfig, lake: LakeResource) -> dg.MaterializeResult:
@@ -55,6 +63,7 @@ def dedupe(context: dg.AssetExecutionContext, config: DedupeRunConfig, lake: Lak
     parts = [p for p in finished_partitions(lake.lake.stage_dir("clip"))]
     result = dedupe_lake(lake.root, parts, settings)
     problems = verify_dedupe(lake.root, parts)
+    count_problems = verify_partition_counts(lake.root, parts)
     context.log.info(f"{len(parts)} partitions: {result.nodes} kept pairs, {result.duplicates_removed} duplicates "
                      f"removed in {result.duplicate_clusters} clusters; rewrote {len(result.partitions_rewritten)}")
     sizes = sorted(result.cluster_sizes.items())
@@ -92,5 +101,7 @@ def dedupe(context: dg.AssetExecutionContext, config: DedupeRunConfig, lake: Lak
                                 metadata={"problems": "\n".join(problems["clusters"][:20]) or "none"}),
             dg.AssetCheckResult(check_name="rows_match_kept_clip", passed=not problems["rows"],
                                 metadata={"problems": "\n".join(problems["rows"][:20]) or "none"}),
+            dg.AssetCheckResult(check_name="partition_counts_agree", passed=not count_problems,
+                                metadata={"problems": "\n".join(count_problems[:20]) or "none"}),
         ],
     )

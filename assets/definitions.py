@@ -7,8 +7,11 @@ import dagster as dg
 from assets.clip import clip
 from assets.dedupe import dedupe
 from assets.downloads import downloads
+from assets.index import index
 from assets.pairs import pairs
 from assets.sensors import build_crawl_sensor, crawl_sensor_default_running
+from assets.subsets import build_subset_assets, build_subset_schedule
+from curation.subsets import load_registry
 from resources.clip_model import ClipModelResource
 from resources.compute import build_compute
 from resources.downloader import DownloaderResource
@@ -18,8 +21,10 @@ from resources.storage import LakeResource
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     """All definitions, wired to the given settings (the UI and `curation run` use the same ones)."""
+    subsets = build_subset_assets(load_registry(settings.subsets_registry))
     return dg.Definitions(
-        assets=[pairs, downloads, clip, dedupe],
+        assets=[pairs, downloads, clip, dedupe, index, *subsets],
+        schedules=[build_subset_schedule(settings.subset_cron)],
         sensors=[
             build_crawl_sensor(crawl_sensor_default_running(settings.crawl_root)),
             # Declarative automation (downstream partitions follow upstream ones) needs a running

@@ -147,6 +147,63 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_build(args: argparse.Namespace) -> int:
+    from curation.index import IndexConfig, build_index, verify_index
+
+    config = IndexConfig(modality=args.modality, memory_budget_bytes=int(args.memory_budget_gb * 2**30),
+                         flat_max_vectors=args.flat_max_vectors, target_recall=args.target_recall)
+    r = build_index(args.lake, config, force_rebuild=args.force)
+    state = "unchanged" if r.unchanged else (f"rebuilt ({r.rebuild_reason})" if r.rebuilt else "updated")
+    print(f"{args.modality} index {state}: {r.factory}, {r.vectors:,} vectors of dim {r.dim}, nprobe {r.nprobe}, "
+          f"recall@{r.k} {r.recall_at_k:.4f}, query p50 {r.query_ms_p50:.2f} ms / p99 {r.query_ms_p99:.2f} ms, "
+          f"+{r.added:,} -{r.removed:,} in {r.build_seconds:.1f}s")
+    problems = verify_index(args.lake, args.modality)
+    for p in problems:
+        print(f"problem: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _index_search(args: argparse.Namespace) -> int:
+    from curation.search import search_text
+
+    spec = json.loads(Path(args.spec).read_text())
+    hits = search_text(args.lake, [args.text], spec, k=args.k, modality=args.modality, device=args.device)[0]
+    if args.json:
+        for h in hits:
+            print(json.dumps(h.as_dict(), default=str, ensure_ascii=False))
+        return 0
+    for rank, h in enumerate(hits, 1):
+        caption = str(h.fields.get("caption") or "")[:70]
+        print(f"{rank:>3} {h.score:.4f} {h.uid:>21} {caption}  {h.fields.get('url', '')}")
+    return 0
+
+
+def _subset_list(args: argparse.Namespace) -> int:
+    from curation.subsets import latest_release, load_registry
+
+    for d in load_registry(args.registry):
+        latest = latest_release(args.lake, d.name) if args.lake else None
+        where = " AND ".join(e for _, e in d.conditions)
+        release = f"release {latest['release']}: {latest['rows']:,} rows" if latest else "no release"
+        print(f"{d.name}: {where} {dict(d.params)} [{release}]")
+    return 0
+
+
+def _subset_export(args: argparse.Namespace) -> int:
+    from curation.subsets import export_subset, load_registry
+
+    defs = {d.name: d for d in load_registry(args.registry)}
+    if args.name not in defs:
+        print(f"no subset {args.name!r}; known: {sorted(defs)}", file=sys.stderr)
+        return 2
+    overrides = dict(kv.split("=", 1) for kv in args.param)
+    r = export_subset(args.lake, defs[args.name], overrides)
+    state = "new release" if r.new_release else "unchanged"
+    print(f"{r.name} release {r.release} ({state}): {r.rows:,} rows, +{r.added:,} -{r.removed:,} "
+          f"{r.removed_by_reason or ''} in {r.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curation", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +275,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("index", help="build or search the faiss index over kept, deduplicated embeddings")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    b = isub.add_parser("build", help="build or update <lake>/index/<modality> from the dedupe survivors")
+    b.add_argument("lake")
+    b.add_argument("--modality", choices=("image", "text"), default="image")
+    b.add_argument("--memory-budget-gb", type=float, default=4.0)
+    b.add_argument("--flat-max-vectors", type=int, default=20_000, help="exact search up to this many vectors")
+    b.add_argument("--target-recall", type=float, default=0.95)
+    b.add_argument("--force", action="store_true", help="retrain from scratch")
+    b.set_defaults(func=_index_build)
+    q = isub.add_parser("search", help="text-to-image search: top-k hits with uid, url, caption, score")
+    q.add_argument("lake")
+    q.add_argument("--text", required=True)
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--spec", required=True, help="the models spec the clip asset scored with")
+    q.add_argument("--modality", choices=("image", "text"), default="image", help="which index to search")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--json", action="store_true", help="one JSON object per hit")
+    q.set_defaults(func=_index_search)
+
+    p = sub.add_parser("subset", help="list or export named subsets (laion_aesthetic, laion_high_res, yours)")
+    ssub = p.add_subparsers(dest="subset_command", required=True)
+    s = ssub.add_parser("list", help="the registered subsets and their latest releases")
+    s.add_argument("lake", nargs="?", default=None)
+    s.add_argument("--registry", default=None, help="YAML/JSON file with more subset definitions")
+    s.set_defaults(func=_subset_list)
+    s = ssub.add_parser("export", help="evaluate a subset and publish a release when its rows changed")
+    s.add_argument("lake")
+    s.add_argument("name")
+    s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
+    s.add_argument("--registry", default=None, help="YAML/JSON file with more subset definitions")
+    s.set_defaults(func=_subset_export)
 
     from curation.phash import add_phash_parser
 

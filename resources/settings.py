@@ -20,6 +20,8 @@ class Settings:
     allow_loopback: bool = False
     clip_spec: str | None = None
     clip_device: str = "auto"
+    subsets_registry: str | None = None
+    subset_cron: str = "0 4 * * *"
 
     def __post_init__(self) -> None:
         if self.compute not in ("local",):
@@ -29,7 +31,9 @@ class Settings:
     def from_env(cls) -> Settings:
         """CURATION_LAKE, CURATION_CRAWL_ROOT, CURATION_COMPUTE, CURATION_CRAWLS (comma list),
         CURATION_ALLOW_LOOPBACK (1 to let the downloader reach 127.0.0.0/8, for the sample web),
-        CURATION_CLIP_SPEC (models spec JSON for the clip asset), CURATION_CLIP_DEVICE (auto, cpu, cuda)."""
+        CURATION_CLIP_SPEC (models spec JSON for the clip asset), CURATION_CLIP_DEVICE (auto, cpu, cuda),
+        CURATION_SUBSETS (a YAML/JSON registry of extra subset definitions), CURATION_SUBSET_CRON (when the
+        subset_refresh schedule re-exports the subsets; default daily at 04:00)."""
         lake = os.environ.get("CURATION_LAKE") or str(Path(".data/lake").absolute())
         crawls = tuple(c.strip() for c in os.environ.get("CURATION_CRAWLS", "").split(",") if c.strip())
         return cls(
@@ -40,4 +44,6 @@ class Settings:
             allow_loopback=os.environ.get("CURATION_ALLOW_LOOPBACK", "") in ("1", "true", "yes"),
             clip_spec=os.environ.get("CURATION_CLIP_SPEC") or None,
             clip_device=os.environ.get("CURATION_CLIP_DEVICE", "auto"),
+            subsets_registry=os.environ.get("CURATION_SUBSETS") or None,
+            subset_cron=os.environ.get("CURATION_SUBSET_CRON") or "0 4 * * *",
         )

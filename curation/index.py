@@ -1,0 +1,655 @@
+"""The ANN index over kept, deduplicated CLIP embeddings: chosen from size and memory, built in batches, grown in place.
+
+The index type follows autofaiss's reasoning, scaled to what the lake holds:
+
+- up to `flat_max_vectors` vectors: exact search (`IDMap2,Flat`), recall 1 by construction;
+- otherwise, when the raw vectors fit the memory budget: `IVF{nlist},Flat` (an HNSW coarse quantizer above
+  4,096 lists), with `nprobe` tuned on held-in queries until recall@k against exact search reaches the target;
+- otherwise: `OPQ{m}_{y},IVF{nlist}[_HNSW32],PQ{m}x8` with the largest code size `m` that fits the budget.
+
+HNSW as the main index (autofaiss's first choice when memory allows) is not used: it cannot remove vectors,
+and this index must drop uids that stop surviving dedupe when a later crawl brings a better copy.
+
+Vectors are identified by their `uid` (faiss ids), so a search answers uids directly. State lives in
+`<lake>/index/<modality>/`: the serialized index and its id table per generation, and `manifest.json`, the
+commit point, written last. An update reads only partitions whose survivors or embeddings changed: it
+removes their old vectors and adds the new ones, and rebuilds (retrains) when the chosen index type no longer
+fits the vector count, the budget or the model changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation import io
+from curation import records as R
+from curation.clip import IMG_EMB_FILE, TEXT_EMB_FILE, UIDS_FILE
+from curation.dedupe import SURVIVOR
+from curation.layout import Lake, Partition, join
+
+MODALITIES = ("image", "text")
+EMBEDDING_FILES = {"image": IMG_EMB_FILE, "text": TEXT_EMB_FILE}
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+# Above this many inverted lists a flat coarse quantizer costs more than the lists it routes to.
+HNSW_QUANTIZER_MIN_LISTS = 4096
+# PQ code sizes tried, largest (most accurate) first; autofaiss's list.
+PQ_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
+ID_BYTES = 8  # every stored vector carries its int64 id
+IDS_SCHEMA = pa.schema([(R.UID, pa.int64()), (R.CRAWL, pa.string()), (R.SEGMENT, pa.string())])
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How the index is chosen, built and tuned. Frozen and validated; changing a field that shapes the index
+    (modality, budget, thresholds, seed) rebuilds it on the next update."""
+
+    modality: str = "image"
+    memory_budget_bytes: int = 4 << 30
+    flat_max_vectors: int = 20_000
+    target_recall: float = 0.95
+    k: int = 10
+    max_query_ms: float = 10.0
+    eval_queries: int = 500
+    batch_size: int = 65_536
+    train_points_per_list: int = 64  # faiss warns below 39
+    kmeans_iterations: int = 10
+    seed: int = 0
+    use_gpu: bool = False  # train IVF centroids on the GPU when faiss has one
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.memory_budget_bytes < 1 << 20:
+            raise ValueError(f"memory_budget_bytes must be at least 1 MiB, got {self.memory_budget_bytes}")
+        if self.flat_max_vectors < 1:
+            raise ValueError(f"flat_max_vectors must be >= 1, got {self.flat_max_vectors}")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
+        if self.k < 1 or self.eval_queries < 1 or self.batch_size < 1:
+            raise ValueError("k, eval_queries and batch_size must be >= 1")
+        if self.max_query_ms <= 0:
+            raise ValueError(f"max_query_ms must be > 0, got {self.max_query_ms}")
+        if self.train_points_per_list < 39:
+            raise ValueError(f"train_points_per_list must be >= 39 (faiss's minimum), got {self.train_points_per_list}")
+        if self.kmeans_iterations < 1:
+            raise ValueError(f"kmeans_iterations must be >= 1, got {self.kmeans_iterations}")
+
+    def shape(self) -> dict[str, Any]:
+        """The fields that decide what index is built (a change rebuilds it)."""
+        out = asdict(self)
+        for transient in ("eval_queries", "batch_size", "use_gpu", "max_query_ms", "target_recall", "k"):
+            out.pop(transient)
+        return out
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """The index type chosen for a vector count and dimension (see `choose_index`)."""
+
+    factory: str
+    family: str  # flat | ivf_flat | ivf_pq
+    nlist: int
+    pq_m: int
+    estimated_bytes: int
+    reason: str
+
+
+def ivf_lists(n: int) -> int:
+    """Inverted lists for n vectors: sqrt(n) rounded to a power of two, in [16, 65536].
+
+    Lower than faiss's 4-16 sqrt(n) guideline on purpose: assignment and k-means cost grow with the list count,
+    and nprobe is tuned afterwards to reach the recall target within the query-time budget anyway."""
+    return int(min(65536, max(16, 2 ** round(math.log2(max(1.0, math.sqrt(n)))))))
+
+
+def choose_index(n: int, dim: int, config: IndexConfig) -> IndexPlan:
+    """Pick the index type for `n` vectors of dimension `dim` under `config` (pure; see the module doc)."""
+    if n < 0 or dim < 1:
+        raise ValueError(f"need n >= 0 and dim >= 1, got n={n}, dim={dim}")
+    flat_bytes = n * (4 * dim + ID_BYTES)
+    if n <= config.flat_max_vectors:
+        if flat_bytes > config.memory_budget_bytes:
+            raise ValueError(f"{n} vectors of dim {dim} need {flat_bytes:,} bytes even for an exact index, over the "
+                             f"memory budget of {config.memory_budget_bytes:,}: raise the budget")
+        return IndexPlan("IDMap2,Flat", "flat", 0, 0, flat_bytes,
+                         f"{n} <= {config.flat_max_vectors} vectors: exact search")
+    nlist = min(ivf_lists(n), max(1, n // config.train_points_per_list))
+    coarse = f"IVF{nlist}_HNSW32" if nlist > HNSW_QUANTIZER_MIN_LISTS else f"IVF{nlist}"
+    ivf_bytes = flat_bytes + nlist * 4 * dim
+    if ivf_bytes <= config.memory_budget_bytes:
+        return IndexPlan(f"{coarse},Flat", "ivf_flat", nlist, 0, ivf_bytes,
+                         f"{n} vectors fit the budget unquantized ({ivf_bytes:,} <= {config.memory_budget_bytes:,} "
+                         f"bytes): inverted lists, nprobe tuned for recall")
+    for m in PQ_SIZES:
+        if m >= dim:
+            continue
+        pq_bytes = n * (m + ID_BYTES) + nlist * 4 * dim + 4 * dim * dim
+        if pq_bytes <= config.memory_budget_bytes:
+            y = (min(dim // m, 6) + 1) * m  # OPQ output: a multiple of m slightly above dim (autofaiss's rule)
+            return IndexPlan(f"OPQ{m}_{y},{coarse},PQ{m}x8", "ivf_pq", nlist, m, pq_bytes,
+                             f"raw vectors need {ivf_bytes:,} bytes, over the budget: PQ{m} codes")
+    raise ValueError(f"{n} vectors of dim {dim} do not fit {config.memory_budget_bytes:,} bytes even as PQ4 codes: "
+                     f"raise the memory budget")
+
+
+# ------------------------------------------------------------------------------------------------ the lake side
+
+
+@dataclass(frozen=True)
+class PartitionVectors:
+    """One partition's indexable vectors: the survivors of dedupe among its kept pairs."""
+
+    partition: Partition
+    uids: np.ndarray  # sorted int64
+    digest: str  # changes when the survivors or the embeddings behind them change
+    clip_model: str
+    clip_checkpoint: str
+
+
+def index_dir(lake_root: str, modality: str) -> str:
+    return join(Lake(lake_root).index_dir(), modality)
+
+
+def indexable_partitions(lake_root: str) -> list[PartitionVectors]:
+    """Every partition with finished clip and dedupe tables, with its surviving uids (sorted)."""
+    lake = Lake(lake_root)
+    out = []
+    for part in io.finished_partitions(lake.stage_dir("dedupe")):
+        clip_marker = io.read_marker(lake.partition_dir("clip", part))
+        if clip_marker is None:
+            continue
+        dedupe = _read(lake.table("dedupe", part), (R.UID, SURVIVOR))
+        uids = np.sort(dedupe.filter(pc.fill_null(dedupe.column(SURVIVOR), False)).column(R.UID).to_numpy())
+        clip = _read(lake.table("clip", part), ("clip_model", "clip_checkpoint"))
+        models = {(m, c) for m, c in zip(clip.column("clip_model").to_pylist(),
+                                         clip.column("clip_checkpoint").to_pylist(), strict=True)
+                  if m is not None}
+        if len(models) > 1:
+            raise ValueError(f"{part.key}: clip rows scored by several models {sorted(models)}; re-score it")
+        model, checkpoint = models.pop() if models else ("", "")
+        h = hashlib.sha256(uids.astype("<i8").tobytes())
+        h.update(json.dumps(clip_marker, sort_keys=True, default=str).encode())
+        out.append(PartitionVectors(part, uids.astype(np.int64), h.hexdigest()[:32], str(model), str(checkpoint)))
+    return out
+
+
+def _read(path: str, columns: Sequence[str]) -> pa.Table:
+    fs, p = io.filesystem(path)
+    return pq.read_table(p, columns=list(columns), filesystem=fs)
+
+
+def _open_npy(path: str) -> np.ndarray:
+    """A memory-mapped npy for local files (nothing is loaded until sliced), else the whole array."""
+    if io.is_local(path):
+        return np.load(io.filesystem(path)[1], mmap_mode="r", allow_pickle=False)
+    return io.read_npy(path)
+
+
+def partition_vectors(lake_root: str, pv: PartitionVectors, modality: str, batch_size: int
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uids, float32 vectors) of a partition's survivors, in batches, read from its memory-mapped npy."""
+    lake = Lake(lake_root)
+    emb_dir = lake.embeddings_dir(pv.partition)
+    order = io.read_npy(join(emb_dir, UIDS_FILE)).astype(np.int64)
+    emb = _open_npy(join(emb_dir, EMBEDDING_FILES[modality]))
+    if emb.shape[0] != order.shape[0]:
+        raise ValueError(f"{pv.partition.key}: {emb.shape[0]} embeddings for {order.shape[0]} uids; re-run clip")
+    sorter = np.argsort(order, kind="stable")
+    where = np.searchsorted(order, pv.uids, sorter=sorter)
+    found = (where < len(order)) & (order[sorter[np.minimum(where, len(order) - 1)]] == pv.uids)
+    if not found.all():
+        raise ValueError(f"{pv.partition.key}: {int((~found).sum())} surviving uids have no embedding; re-run clip")
+    rows = np.sort(sorter[where])  # read the npy front to back
+    for i in range(0, len(rows), batch_size):
+        sel = rows[i:i + batch_size]
+        yield order[sel], np.ascontiguousarray(emb[sel], dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------------- building
+
+
+@dataclass
+class IndexResult:
+    """What an update did and how good the index is."""
+
+    factory: str
+    family: str
+    vectors: int
+    dim: int
+    nlist: int
+    nprobe: int
+    recall_at_k: float
+    k: int
+    query_ms_p50: float
+    query_ms_p99: float
+    added: int
+    removed: int
+    rebuilt: bool
+    rebuild_reason: str
+    partitions: int
+    partitions_changed: list[str]
+    index_bytes: int
+    build_seconds: float
+    clip_model: str
+    clip_checkpoint: str
+    generation: int
+    recall_by_nprobe: dict[str, float] = field(default_factory=dict)
+    unchanged: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    generation: int
+    factory: str
+    family: str
+    dim: int
+    nlist: int
+    nprobe: int
+    config_shape: dict[str, Any]
+    clip_model: str
+    clip_checkpoint: str
+    partitions: dict[str, str]  # partition key -> PartitionVectors.digest
+    vectors: int
+    trained_on: int
+    recall_at_k: float
+    k: int
+    query_ms_p50: float
+    query_ms_p99: float
+    recall_by_nprobe: dict[str, float]
+    index_file: str
+    ids_file: str
+    index_bytes: int
+    format_version: int = FORMAT_VERSION
+
+    @staticmethod
+    def load(lake_root: str, modality: str) -> Manifest | None:
+        path = join(index_dir(lake_root, modality), MANIFEST_FILE)
+        if not io.exists(path):
+            return None
+        data = io.read_json(path)
+        if data.get("format_version") != FORMAT_VERSION:
+            return None
+        return Manifest(**data)
+
+
+def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = False) -> IndexResult:
+    """Bring `<lake>/index/<modality>` up to date with the survivors of every finished dedupe partition.
+
+    New and changed partitions are added (their old vectors removed first), vanished ones removed; the whole
+    index is rebuilt and retrained when there is none yet, the chosen type no longer fits the vector count,
+    the model or the config changed, or `force_rebuild`. Then nprobe is tuned and recall@k measured against
+    exact search. Raises ValueError when partitions were scored by different models (their embeddings are
+    not comparable) or when nothing is indexable yet.
+    """
+    started = time.perf_counter()
+    parts = indexable_partitions(lake_root)
+    if not parts:
+        raise ValueError(f"nothing to index under {lake_root}: materialize clip and dedupe first")
+    models = {(p.clip_model, p.clip_checkpoint) for p in parts if p.uids.size}
+    if len(models) > 1:
+        raise ValueError(f"partitions were scored by different models {sorted(models)}: their embeddings are not "
+                         f"comparable; re-score the odd ones out before indexing")
+    clip_model, clip_checkpoint = models.pop() if models else (parts[0].clip_model, parts[0].clip_checkpoint)
+    dim = _dimension(lake_root, parts, config.modality)
+    total = int(sum(p.uids.size for p in parts))
+    if total == 0:
+        raise ValueError("no dedupe survivors to index yet")
+    plan = choose_index(total, dim, config)
+    old = Manifest.load(lake_root, config.modality)
+    reason = _rebuild_reason(old, plan, config, clip_model, clip_checkpoint, dim, force_rebuild)
+    wanted = {p.partition.key: p for p in parts}
+    if old is not None and not reason and old.partitions == {k: p.digest for k, p in wanted.items()}:
+        return _unchanged_result(old, len(parts), time.perf_counter() - started)
+
+    if reason:
+        index, ids = _train(lake_root, parts, plan, dim, config), _empty_ids()
+        changed, removed = sorted(wanted), 0
+        trained_on = total
+    else:
+        assert old is not None
+        index = _load_index(lake_root, config.modality, old)
+        ids = _read_ids(lake_root, config.modality, old)
+        changed = sorted(k for k, p in wanted.items() if old.partitions.get(k) != p.digest)
+        gone = sorted(set(old.partitions) - set(wanted))
+        drop_keys = set(changed) | set(gone)
+        keys = pc.binary_join_element_wise(ids.column(R.CRAWL), ids.column(R.SEGMENT), "|")
+        drop = pc.is_in(keys, value_set=pa.array(sorted(drop_keys), pa.string()))
+        drop_uids = ids.filter(drop).column(R.UID).to_numpy()
+        removed = int(index.remove_ids(faiss.IDSelectorBatch(drop_uids))) if drop_uids.size else 0
+        if removed != drop_uids.size:
+            raise RuntimeError(f"index removed {removed} of {drop_uids.size} vectors; rebuild it (force_rebuild)")
+        ids = ids.filter(pc.invert(drop))
+        trained_on = old.trained_on
+    added_tables = [ids]
+    added = 0
+    for key in changed:
+        pv = wanted[key]
+        for uids, vecs in partition_vectors(lake_root, pv, config.modality, config.batch_size):
+            index.add_with_ids(vecs, uids)
+            added += len(uids)
+        added_tables.append(pa.table({R.UID: pa.array(pv.uids, pa.int64()),
+                                      R.CRAWL: [pv.partition.crawl] * pv.uids.size,
+                                      R.SEGMENT: [pv.partition.segment] * pv.uids.size}, schema=IDS_SCHEMA))
+    ids = pa.concat_tables(added_tables)
+    if index.ntotal != ids.num_rows:
+        raise RuntimeError(f"index holds {index.ntotal} vectors but the id table {ids.num_rows}")
+
+    tuning = tune_nprobe(index, plan, lake_root, parts, config)
+    generation = (old.generation + 1) if old is not None else 1
+    data = faiss.serialize_index(index).tobytes()
+    out_dir = index_dir(lake_root, config.modality)
+    index_file, ids_file = f"index-{generation:06d}.faiss", f"ids-{generation:06d}.parquet"
+    io.write_bytes(data, join(out_dir, index_file))
+    io.write_parquet(ids, join(out_dir, ids_file))
+    manifest = Manifest(
+        generation=generation, factory=plan.factory, family=plan.family, dim=dim, nlist=plan.nlist,
+        nprobe=tuning.nprobe, config_shape=config.shape(), clip_model=clip_model, clip_checkpoint=clip_checkpoint,
+        partitions={k: p.digest for k, p in sorted(wanted.items())}, vectors=int(index.ntotal),
+        trained_on=trained_on, recall_at_k=tuning.recall, k=config.k, query_ms_p50=tuning.p50_ms,
+        query_ms_p99=tuning.p99_ms, recall_by_nprobe=tuning.recall_by_nprobe, index_file=index_file,
+        ids_file=ids_file, index_bytes=len(data))
+    io.write_json(asdict(manifest), join(out_dir, MANIFEST_FILE))  # the commit point
+    if old is not None:
+        for stale in (old.index_file, old.ids_file):
+            if stale not in (index_file, ids_file):
+                io.remove(join(out_dir, stale))
+    return IndexResult(
+        factory=plan.factory, family=plan.family, vectors=int(index.ntotal), dim=dim, nlist=plan.nlist,
+        nprobe=tuning.nprobe, recall_at_k=tuning.recall, k=config.k, query_ms_p50=tuning.p50_ms,
+        query_ms_p99=tuning.p99_ms, added=added, removed=removed, rebuilt=bool(reason), rebuild_reason=reason,
+        partitions=len(parts), partitions_changed=changed, index_bytes=len(data),
+        build_seconds=time.perf_counter() - started, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
+        generation=generation, recall_by_nprobe=tuning.recall_by_nprobe)
+
+
+def _unchanged_result(old: Manifest, partitions: int, seconds: float) -> IndexResult:
+    return IndexResult(
+        factory=old.factory, family=old.family, vectors=old.vectors, dim=old.dim, nlist=old.nlist, nprobe=old.nprobe,
+        recall_at_k=old.recall_at_k, k=old.k, query_ms_p50=old.query_ms_p50, query_ms_p99=old.query_ms_p99,
+        added=0, removed=0, rebuilt=False, rebuild_reason="", partitions=partitions, partitions_changed=[],
+        index_bytes=old.index_bytes, build_seconds=seconds, clip_model=old.clip_model,
+        clip_checkpoint=old.clip_checkpoint, generation=old.generation, recall_by_nprobe=old.recall_by_nprobe,
+        unchanged=True)
+
+
+def _rebuild_reason(old: Manifest | None, plan: IndexPlan, config: IndexConfig, clip_model: str,
+                    clip_checkpoint: str, dim: int, force: bool) -> str:
+    if force:
+        return "rebuild requested"
+    if old is None:
+        return "no index yet"
+    if (old.clip_model, old.clip_checkpoint) != (clip_model, clip_checkpoint) or old.dim != dim:
+        return f"model changed ({old.clip_model} {old.clip_checkpoint} -> {clip_model} {clip_checkpoint})"
+    if old.config_shape != config.shape():
+        return "index config changed"
+    if old.factory != plan.factory:
+        return f"{old.factory} no longer fits the vector count: {plan.factory} ({plan.reason})"
+    return ""
+
+
+def _dimension(lake_root: str, parts: Sequence[PartitionVectors], modality: str) -> int:
+    lake = Lake(lake_root)
+    dims = set()
+    for p in parts:
+        emb = _open_npy(join(lake.embeddings_dir(p.partition), EMBEDDING_FILES[modality]))
+        if emb.ndim != 2:
+            raise ValueError(f"{p.partition.key}: {modality} embeddings are not a 2-d array")
+        dims.add(int(emb.shape[1]))
+    if len(dims) != 1:
+        raise ValueError(f"partitions disagree on the embedding dimension: {sorted(dims)}")
+    return dims.pop()
+
+
+def _sample(lake_root: str, parts: Sequence[PartitionVectors], want: int, config: IndexConfig) -> np.ndarray:
+    """Up to `want` vectors drawn uniformly from all survivors (seeded), read partition by partition."""
+    total = sum(p.uids.size for p in parts)
+    rng = np.random.default_rng(config.seed)
+    chosen = np.sort(rng.choice(total, size=min(want, total), replace=False))
+    out, offset = [], 0
+    for p in parts:
+        local = chosen[(chosen >= offset) & (chosen < offset + p.uids.size)] - offset
+        offset += p.uids.size
+        if local.size == 0:
+            continue
+        sub = PartitionVectors(p.partition, p.uids[local], p.digest, p.clip_model, p.clip_checkpoint)
+        out += [v for _, v in partition_vectors(lake_root, sub, config.modality, config.batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _train(lake_root: str, parts: Sequence[PartitionVectors], plan: IndexPlan, dim: int,
+           config: IndexConfig) -> faiss.Index:
+    index = faiss.index_factory(dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.family == "flat":
+        return index
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.niter = config.kmeans_iterations
+    ivf.cp.seed = config.seed
+    ivf.cp.max_points_per_centroid = config.train_points_per_list
+    want = plan.nlist * config.train_points_per_list
+    if plan.family == "ivf_pq":
+        want = max(want, 256 * 64)  # PQ codebooks need their own ~64 points per code
+    train = _sample(lake_root, parts, want, config)
+    if config.use_gpu and faiss.get_num_gpus() > 0 and plan.family == "ivf_flat":
+        km = faiss.Kmeans(dim, plan.nlist, niter=config.kmeans_iterations, seed=config.seed, gpu=True,
+                          spherical=False, max_points_per_centroid=config.train_points_per_list)
+        km.train(train)
+        assert km.centroids is not None
+        ivf.quantizer.add(km.centroids)
+        ivf.is_trained = True
+    else:
+        index.train(train)
+    return index
+
+
+def _empty_ids() -> pa.Table:
+    return IDS_SCHEMA.empty_table()
+
+
+def _load_index(lake_root: str, modality: str, manifest: Manifest) -> faiss.Index:
+    path = join(index_dir(lake_root, modality), manifest.index_file)
+    if io.is_local(path):
+        return faiss.read_index(io.filesystem(path)[1])
+    fs, p = io.filesystem(path)
+    with fs.open(p, "rb") as f:
+        return faiss.deserialize_index(np.frombuffer(f.read(), dtype=np.uint8))
+
+
+def _read_ids(lake_root: str, modality: str, manifest: Manifest) -> pa.Table:
+    return _read(join(index_dir(lake_root, modality), manifest.ids_file), IDS_SCHEMA.names).cast(IDS_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------- tuning, search
+
+
+@dataclass(frozen=True)
+class Tuning:
+    nprobe: int
+    recall: float
+    p50_ms: float
+    p99_ms: float
+    recall_by_nprobe: dict[str, float]
+
+
+def exact_top_k(queries: np.ndarray, batches: Iterator[tuple[np.ndarray, np.ndarray]], k: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k ids of `queries` over streamed (ids, vectors) batches: (scores, ids)."""
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for ids, vecs in batches:
+        scores = queries @ vecs.T
+        s = np.concatenate([best_s, scores], axis=1)
+        i = np.concatenate([best_i, np.broadcast_to(ids, scores.shape)], axis=1)
+        top = np.argpartition(-s, min(k, s.shape[1] - 1), axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(s, top, 1), np.take_along_axis(i, top, 1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of each query's true top-k ids present in its returned ids (-1 never counts)."""
+    hits = [len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) / max(1, int((t >= 0).sum()))
+            for f, t in zip(found, truth, strict=True)]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def query_latency_ms(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[float, float]:
+    """p50 and p99 latency of single-query searches (one query per call, as a service sees them)."""
+    times = []
+    for q in queries[: min(len(queries), 200)]:
+        t = time.perf_counter()
+        index.search(q[None, :], k)
+        times.append((time.perf_counter() - t) * 1000)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> None:
+    """Set nprobe (and the HNSW quantizer's efSearch) on an IVF index, through any pre-transform."""
+    ivf = faiss.extract_index_ivf(index)
+    ivf.nprobe = nprobe
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(2 * nprobe, 16)
+
+
+def tune_nprobe(index: faiss.Index, plan: IndexPlan, lake_root: str, parts: Sequence[PartitionVectors],
+                config: IndexConfig) -> Tuning:
+    """The smallest nprobe (powers of two) whose recall@k against exact search reaches the target within the
+    query-time budget; else the best recall within the budget. Queries are a seeded sample of the vectors."""
+    queries = _sample(lake_root, parts, config.eval_queries, IndexConfig(
+        modality=config.modality, seed=config.seed + 1, batch_size=config.batch_size))
+    k = min(config.k, int(index.ntotal))
+    _, truth = exact_top_k(queries, (b for p in parts for b in partition_vectors(
+        lake_root, p, config.modality, config.batch_size)), k)
+    if plan.family == "flat":
+        _, found = index.search(queries, k)
+        p50, p99 = query_latency_ms(index, queries, k)
+        r = recall_at_k(found, truth)
+        return Tuning(0, r, p50, p99, {"exact": r})
+    by_nprobe: dict[str, float] = {}
+    best: Tuning | None = None
+    nprobe = 1
+    while nprobe <= plan.nlist:
+        set_nprobe(index, nprobe)
+        _, found = index.search(queries, k)
+        r = recall_at_k(found, truth)
+        p50, p99 = query_latency_ms(index, queries, k)
+        by_nprobe[str(nprobe)] = round(r, 4)
+        if p99 > config.max_query_ms and best is not None:
+            break
+        best = Tuning(nprobe, r, p50, p99, by_nprobe)
+        if r >= config.target_recall:
+            break
+        nprobe *= 2
+    assert best is not None
+    set_nprobe(index, best.nprobe)
+    return Tuning(best.nprobe, best.recall, best.p50_ms, best.p99_ms, dict(by_nprobe))
+
+
+@dataclass(frozen=True)
+class LoadedIndex:
+    """A committed index ready for queries: the faiss index (nprobe set) and its manifest."""
+
+    index: faiss.Index
+    manifest: Manifest
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, uids) of the top-k per query; uid -1 pads when the index holds fewer than k vectors."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.manifest.dim:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.manifest.dim} "
+                             f"({self.manifest.clip_model}): encode them with the model that built it")
+        return self.index.search(q, k)
+
+
+def load_index(lake_root: str, modality: str = "image") -> LoadedIndex:
+    """The committed index of a lake (raises FileNotFoundError with the fix when none is built)."""
+    manifest = Manifest.load(lake_root, modality)
+    if manifest is None:
+        raise FileNotFoundError(f"no {modality} index under {index_dir(lake_root, modality)}: run "
+                                f"`curation index build {lake_root}` or materialize the index asset")
+    index = _load_index(lake_root, modality, manifest)
+    if manifest.family != "flat":
+        set_nprobe(index, manifest.nprobe)
+    return LoadedIndex(index, manifest)
+
+
+def index_ids(lake_root: str, modality: str = "image") -> pa.Table:
+    """The (uid, crawl, segment) of every vector in the committed index."""
+    manifest = Manifest.load(lake_root, modality)
+    if manifest is None:
+        return _empty_ids()
+    return _read_ids(lake_root, modality, manifest)
+
+
+def verify_index(lake_root: str, modality: str = "image") -> list[str]:
+    """Problems with the committed index (empty when sound): its size and ids equal the dedupe survivors of the
+    partitions it covers, and the id table agrees with the index."""
+    problems = []
+    manifest = Manifest.load(lake_root, modality)
+    if manifest is None:
+        return [f"no committed {modality} index"]
+    index = _load_index(lake_root, modality, manifest)
+    ids = _read_ids(lake_root, modality, manifest)
+    if index.ntotal != ids.num_rows or index.ntotal != manifest.vectors:
+        problems.append(f"index holds {index.ntotal} vectors, id table {ids.num_rows}, manifest {manifest.vectors}")
+    survivors = {p.partition.key: p for p in indexable_partitions(lake_root)}
+    stale = sorted(k for k, d in manifest.partitions.items() if k not in survivors or survivors[k].digest != d)
+    missing = sorted(set(survivors) - set(manifest.partitions))
+    if stale or missing:
+        problems.append(f"index is behind the lake: stale {stale[:10]}, missing {missing[:10]}")
+    want = np.sort(np.concatenate([p.uids for k, p in survivors.items() if k in manifest.partitions] or
+                                  [np.zeros(0, np.int64)]))
+    got = np.sort(ids.column(R.UID).to_numpy())
+    if not stale and not missing and (len(want) != len(got) or (want != got).any()):
+        problems.append(f"index uids differ from dedupe survivors: {len(got)} indexed, {len(want)} survivors")
+    return problems
+
+
+def index_report(result: IndexResult) -> dict[str, dict[str, Any]]:
+    """Materialization metadata in Pipes' {"raw_value", "type"} form."""
+    curve = "\n".join(["| nprobe | recall@k |", "|---:|---:|"]
+                      + [f"| {k} | {v:.4f} |" for k, v in result.recall_by_nprobe.items()])
+
+    def md(value: str) -> dict[str, Any]:
+        return {"raw_value": value, "type": "md"}
+
+    def num(value: float | int) -> dict[str, Any]:
+        return {"raw_value": value, "type": "int" if isinstance(value, int) else "float"}
+
+    return {
+        "dagster/row_count": num(result.vectors),
+        "factory": {"raw_value": result.factory, "type": "text"},
+        "family": {"raw_value": result.family, "type": "text"},
+        "vectors": num(result.vectors),
+        "dim": num(result.dim),
+        "nlist": num(result.nlist),
+        "nprobe": num(result.nprobe),
+        f"recall_at_{result.k}": num(round(result.recall_at_k, 4)),
+        "recall_by_nprobe": md(curve),
+        "query_ms_p50": num(round(result.query_ms_p50, 3)),
+        "query_ms_p99": num(round(result.query_ms_p99, 3)),
+        "added": num(result.added),
+        "removed": num(result.removed),
+        "rebuilt": {"raw_value": result.rebuilt, "type": "bool"},
+        "rebuild_reason": {"raw_value": result.rebuild_reason or "incremental", "type": "text"},
+        "unchanged": {"raw_value": result.unchanged, "type": "bool"},
+        "partitions": num(result.partitions),
+        "partitions_changed": {"raw_value": result.partitions_changed, "type": "json"},
+        "index_bytes": num(result.index_bytes),
+        "clip_model": {"raw_value": f"{result.clip_model} {result.clip_checkpoint}", "type": "text"},
+        "generation": num(result.generation),
+        "build_seconds": num(round(result.build_seconds, 2)),
+    }

@@ -1,0 +1,497 @@
+"""Named subsets of the lake as declarative definitions, exported as versioned, diffed releases.
+
+A definition is a name, named conditions (DuckDB boolean expressions over the `candidates` relation, with
+`$parameters`), parameter defaults and output options. Conditions are written by whoever defines the subset
+(in code or a YAML registry); values a user supplies at run time only ever arrive as bound parameters, and the
+conditions run against an in-memory copy of the candidates with DuckDB's external access switched off, so an
+expression cannot read or write anything else.
+
+`candidates` holds one row per pair the CLIP filter kept, joined across pairs, downloads, clip and dedupe.
+
+A release is `<lake>/subsets/<name>/release-NNNNNN/`: img2dataset-compatible parquet parts (`url`, `caption`
+plus metadata columns), optionally a webdataset re-shard copied from the downloaded shards, and
+`release.json` with the definition, parameters, counts and the diff against the previous release (uids added
+and removed, each with a reason). `LATEST.json` names the current release and is written last. An export
+whose rows equal the latest release's makes no new release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io as _io
+import json
+import re
+import tarfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from curation import io
+from curation.layout import Lake, Partition, join
+from curation.sql import connect
+
+NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+LATEST_FILE = "LATEST.json"
+RELEASE_FILE = "release.json"
+# Columns of every exported row (img2dataset reads `url` and `caption`; the rest ride along as metadata).
+EXPORT_COLUMNS = ("url", "caption", "uid", "language", "original_width", "original_height", "similarity",
+                  "punsafe", "pwatermark", "aesthetic", "nsfw_tag", "sha256", "crawl", "segment", "source_shard",
+                  "source_key")
+CANDIDATE_SQL = """
+    SELECT p.uid, p.url, p.text AS caption, p.language, p.crawl, p.segment,
+           d.original_width, d.original_height, d.width, d.height, d.sha256, d.shard AS source_shard,
+           d.key AS source_key,
+           c.similarity, c.punsafe, c.pwatermark, c.aesthetic, c.nsfw_tag, c.clip_model,
+           {dedupe_columns}
+    FROM pairs p
+    JOIN clip c USING (uid, crawl, segment)
+    JOIN downloads d USING (uid, crawl, segment)
+    {dedupe_join}
+    WHERE c.keep
+"""
+WITH_DEDUPE = ("coalesce(x.survivor, false) AS survivor, x.cluster_id, x.reason AS dedupe_reason",
+               "LEFT JOIN dedupe x USING (uid, crawl, segment)")
+WITHOUT_DEDUPE = ("false AS survivor, NULL::BIGINT AS cluster_id, 'not deduplicated' AS dedupe_reason", "")
+
+
+@dataclass(frozen=True)
+class SubsetDefinition:
+    """One named subset: rows of `candidates` meeting every condition (and surviving dedupe, by default)."""
+
+    name: str
+    description: str
+    conditions: tuple[tuple[str, str], ...]  # (condition name, DuckDB boolean expression with $params)
+    params: tuple[tuple[str, Any], ...] = ()  # parameter defaults
+    survivors_only: bool = True
+    parts: int = 1
+    webdataset: bool = False
+    shard_size: int = 10_000
+    drift_max_ks: float = 0.2  # a score distribution moving further than this from the last release warns
+
+    def __post_init__(self) -> None:
+        if not NAME.match(self.name):
+            raise ValueError(f"subset name {self.name!r} must match {NAME.pattern}")
+        if not self.conditions:
+            raise ValueError(f"subset {self.name}: needs at least one condition")
+        names = [n for n, _ in self.conditions]
+        if len(set(names)) != len(names) or not all(NAME.match(n) for n in names):
+            raise ValueError(f"subset {self.name}: condition names must be unique identifiers, got {names}")
+        declared = {k for k, _ in self.params}
+        for cname, expr in self.conditions:
+            if ";" in expr:
+                raise ValueError(f"subset {self.name}: condition {cname} must be one expression (no ';')")
+            unknown = set(PARAM.findall(expr)) - declared
+            if unknown:
+                raise ValueError(f"subset {self.name}: condition {cname} uses undeclared parameters {sorted(unknown)}")
+        if self.parts < 1 or self.shard_size < 1:
+            raise ValueError(f"subset {self.name}: parts and shard_size must be >= 1")
+        if not 0.0 < self.drift_max_ks <= 1.0:
+            raise ValueError(f"subset {self.name}: drift_max_ks must be in (0, 1]")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> SubsetDefinition:
+        """Build from a registry entry: name, description, conditions {name: expr}, params {name: value},
+        survivors_only, parts, webdataset, shard_size, drift_max_ks."""
+        known = {"name", "description", "conditions", "params", "survivors_only", "parts", "webdataset",
+                 "shard_size", "drift_max_ks"}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise ValueError(f"subset {data.get('name')!r}: unknown keys {extra}; known: {sorted(known)}")
+        conditions = data.get("conditions") or {}
+        if not isinstance(conditions, Mapping):
+            raise ValueError(f"subset {data.get('name')!r}: conditions must map names to expressions")
+        return cls(name=str(data.get("name", "")), description=str(data.get("description", "")),
+                   conditions=tuple((str(k), str(v)) for k, v in conditions.items()),
+                   params=tuple((str(k), v) for k, v in (data.get("params") or {}).items()),
+                   survivors_only=bool(data.get("survivors_only", True)), parts=int(data.get("parts", 1)),
+                   webdataset=bool(data.get("webdataset", False)), shard_size=int(data.get("shard_size", 10_000)),
+                   drift_max_ks=float(data.get("drift_max_ks", 0.2)))
+
+    def resolve_params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults with overrides applied; an override is cast to its default's type (run config gives strings)."""
+        out = dict(self.params)
+        for key, value in (overrides or {}).items():
+            if key not in out:
+                raise ValueError(f"subset {self.name} has no parameter {key!r}; it has {sorted(out)}")
+            default = out[key]
+            try:
+                out[key] = (value if default is None or isinstance(value, type(default))
+                            else _cast(value, type(default)))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"subset {self.name}: parameter {key}={value!r} is not a "
+                                 f"{type(default).__name__}") from exc
+        return out
+
+    def record(self) -> dict[str, Any]:
+        return {**asdict(self), "conditions": dict(self.conditions), "params": dict(self.params)}
+
+
+def _cast(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if str(value).lower() in ("1", "true", "yes"):
+            return True
+        if str(value).lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(value)
+    return kind(value)
+
+
+BUILTIN_SUBSETS: tuple[SubsetDefinition, ...] = (
+    SubsetDefinition(
+        name="laion_aesthetic",
+        description="LAION-Aesthetics: aesthetic score at or above a threshold, likely safe, unlikely watermarked, "
+                    "dedupe survivors only (LAION's v1 rule: pwatermark < 0.8, punsafe < 0.5)",
+        conditions=(("aesthetic", "aesthetic >= $min_aesthetic"),
+                    ("safe", "punsafe < $max_punsafe"),
+                    ("no_watermark", "pwatermark < $max_pwatermark")),
+        params=(("min_aesthetic", 6.0), ("max_punsafe", 0.5), ("max_pwatermark", 0.8)),
+        webdataset=True,
+    ),
+    SubsetDefinition(
+        name="laion_high_res",
+        description="LAION-High-Res: originals at least 1024 pixels wide and high (LAION's rule), survivors only",
+        conditions=(("high_res", "original_width >= $min_side AND original_height >= $min_side"),),
+        params=(("min_side", 1024),),
+    ),
+)
+
+
+def load_registry(path: str | None) -> list[SubsetDefinition]:
+    """The built-in subsets plus those in a YAML or JSON registry file (a list of entries, or {subsets: [...]});
+    a registry entry with a built-in's name replaces it."""
+    defs = {d.name: d for d in BUILTIN_SUBSETS}
+    if path:
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        entries = data.get("subsets", []) if isinstance(data, Mapping) else data
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: expected a list of subset definitions (or a 'subsets:' list)")
+        for entry in entries:
+            d = SubsetDefinition.from_mapping(entry)
+            defs[d.name] = d
+    return list(defs.values())
+
+
+# ------------------------------------------------------------------------------------------------- selection
+
+
+def sandboxed_candidates(lake_root: str) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB holding `candidates` as a table, with external access off and configuration locked."""
+    con, views = connect(lake_root)
+    missing = {"pairs", "downloads", "clip"} - set(views)
+    if missing:
+        raise FileNotFoundError(f"no {sorted(missing)} tables under {lake_root}: materialize them first")
+    cols, joins = WITH_DEDUPE if "dedupe" in views else WITHOUT_DEDUPE
+    con.execute("CREATE TABLE candidates AS " + CANDIDATE_SQL.format(dedupe_columns=cols, dedupe_join=joins))
+    for view in views:
+        con.execute(f'DROP VIEW "{view}"')  # view names are the lake's fixed stage names
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _where(defn: SubsetDefinition, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    used = {p for _, expr in defn.conditions for p in PARAM.findall(expr)}
+    clause = " AND ".join(f"coalesce(({expr}), false)" for _, expr in defn.conditions)
+    if defn.survivors_only:
+        clause = f"survivor AND {clause}"
+    return clause, {k: v for k, v in params.items() if k in used}
+
+
+def select(con: duckdb.DuckDBPyConnection, defn: SubsetDefinition, params: Mapping[str, Any]) -> pa.Table:
+    """The subset's rows (every candidates column), ordered by crawl, segment, uid."""
+    clause, bound = _where(defn, params)
+    try:
+        return con.sql(f"SELECT * FROM candidates WHERE {clause} ORDER BY crawl, segment, uid",
+                       params=bound).to_arrow_table()
+    except duckdb.Error as exc:
+        raise ValueError(f"subset {defn.name}: its conditions do not evaluate: {exc}") from exc
+
+
+def explain_missing(con: duckdb.DuckDBPyConnection, defn: SubsetDefinition, params: Mapping[str, Any],
+                    uids: Sequence[int]) -> dict[int, str]:
+    """Why each uid is not in the subset: 'not_kept' (gone from the lake or dropped by the CLIP filter),
+    'duplicate:<dedupe reason>', or the names of the failed conditions joined by '+'."""
+    if not uids:
+        return {}
+    used = {p for _, expr in defn.conditions for p in PARAM.findall(expr)}
+    checks = ", ".join(f"coalesce(({expr}), false)" for _, expr in defn.conditions)
+    rows = con.execute(f"SELECT uid, survivor, dedupe_reason, {checks} FROM candidates "
+                       "WHERE uid IN (SELECT UNNEST($uids))",
+                       {"uids": [int(u) for u in uids], **{k: v for k, v in params.items() if k in used}}).fetchall()
+    out = {int(u): "not_kept" for u in uids}
+    for uid, survivor, dreason, *ok in rows:
+        failed = [name for (name, _), good in zip(defn.conditions, ok, strict=True) if not good]
+        if defn.survivors_only and not survivor:
+            out[int(uid)] = f"duplicate:{dreason}"
+        elif failed:
+            out[int(uid)] = "+".join(failed)
+        else:
+            out[int(uid)] = "unchanged"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- release
+
+
+@dataclass
+class ReleaseResult:
+    """What an export did."""
+
+    name: str
+    release: int
+    path: str
+    rows: int
+    new_release: bool
+    digest: str
+    added: int
+    removed: int
+    removed_by_reason: dict[str, int]
+    added_by_reason: dict[str, int]
+    previous_release: int | None
+    parts: list[str]
+    shards: list[str]
+    params: dict[str, Any]
+    counts: dict[str, Any]
+    drift: dict[str, float] = field(default_factory=dict)  # KS statistic per score vs the previous release
+    seconds: float = 0.0
+
+
+def subset_dir(lake_root: str, name: str) -> str:
+    return Lake(lake_root).subset_dir(name)
+
+
+def latest_release(lake_root: str, name: str) -> dict[str, Any] | None:
+    """The latest release's `release.json`, or None before the first export."""
+    pointer = join(subset_dir(lake_root, name), LATEST_FILE)
+    if not io.exists(pointer):
+        return None
+    latest = io.read_json(pointer)
+    return io.read_json(join(subset_dir(lake_root, name), latest["path"], RELEASE_FILE))
+
+
+def read_release(lake_root: str, name: str, release: dict[str, Any]) -> pa.Table:
+    """All parquet parts of a release, concatenated in part order."""
+    base = join(subset_dir(lake_root, name), release["path"])
+    tables = []
+    for part in release["parts"]:
+        fs, p = io.filesystem(join(base, part))
+        tables.append(pq.read_table(p, filesystem=fs))
+    return pa.concat_tables(tables) if tables else pa.table({c: [] for c in EXPORT_COLUMNS})
+
+
+def _digest(defn: SubsetDefinition, params: Mapping[str, Any], table: pa.Table) -> str:
+    h = hashlib.sha256(json.dumps({"definition": defn.record(), "params": dict(params)}, sort_keys=True,
+                                  default=str).encode())
+    for batch in table.select(list(EXPORT_COLUMNS)).to_batches():
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+        h.update(sink.getvalue().to_pybytes())
+    return h.hexdigest()[:32]
+
+
+def export_subset(lake_root: str, defn: SubsetDefinition, overrides: Mapping[str, Any] | None = None
+                  ) -> ReleaseResult:
+    """Evaluate a subset over the lake and publish it as a new release when its rows changed (see module doc)."""
+    started = time.perf_counter()
+    params = defn.resolve_params(overrides)
+    con = sandboxed_candidates(lake_root)
+    rows = select(con, defn, params)
+    digest = _digest(defn, params, rows)
+    previous = latest_release(lake_root, defn.name)
+    counts = _counts(con, defn, params, rows)
+    if previous is not None and previous["digest"] == digest:
+        return ReleaseResult(name=defn.name, release=int(previous["release"]), path=previous["path"],
+                             rows=rows.num_rows, new_release=False, digest=digest, added=0, removed=0,
+                             removed_by_reason={}, added_by_reason={}, previous_release=int(previous["release"]),
+                             parts=list(previous["parts"]), shards=list(previous.get("shards", [])), params=params,
+                             counts=counts, drift={}, seconds=time.perf_counter() - started)
+    number = int(previous["release"]) + 1 if previous else 1
+    rel_path = f"release-{number:06d}"
+    base = join(subset_dir(lake_root, defn.name), rel_path)
+    io.remove(base)  # a half-written release from an interrupted run
+    prev_table = read_release(lake_root, defn.name, previous) if previous else None
+    diff = _diff(con, defn, params, rows, prev_table, previous)
+    drift = _drift(rows, prev_table)
+    parts = _write_parts(rows, base, defn.parts)
+    shards = _write_shards(lake_root, rows, base, defn.shard_size) if defn.webdataset else []
+    record = {
+        "name": defn.name, "release": number, "path": rel_path, "digest": digest, "rows": rows.num_rows,
+        "definition": defn.record(), "params": params, "parts": parts, "shards": shards, "counts": counts,
+        "previous_release": int(previous["release"]) if previous else None, "diff": diff, "drift": drift,
+        "created_unix": round(time.time(), 3),
+    }
+    io.write_json(record, join(base, RELEASE_FILE))
+    io.write_json({"release": number, "path": rel_path, "digest": digest},
+                  join(subset_dir(lake_root, defn.name), LATEST_FILE))  # the commit point
+    return ReleaseResult(name=defn.name, release=number, path=base, rows=rows.num_rows, new_release=True,
+                         digest=digest, added=diff["added"], removed=diff["removed"],
+                         removed_by_reason=diff["removed_by_reason"], added_by_reason=diff["added_by_reason"],
+                         previous_release=record["previous_release"], parts=parts, shards=shards, params=params,
+                         counts=counts, drift=drift, seconds=time.perf_counter() - started)
+
+
+def _counts(con: duckdb.DuckDBPyConnection, defn: SubsetDefinition, params: Mapping[str, Any],
+            rows: pa.Table) -> dict[str, Any]:
+    """Rows in the subset, candidates, and how many candidates each condition (and dedupe) lets through."""
+    used = {p for _, expr in defn.conditions for p in PARAM.findall(expr)}
+    checks = ", ".join(f"count(*) FILTER (WHERE coalesce(({expr}), false))" for _, expr in defn.conditions)
+    got = con.execute(f"SELECT count(*), count(*) FILTER (WHERE survivor), {checks} FROM candidates",
+                      {k: v for k, v in params.items() if k in used}).fetchone()
+    assert got is not None
+    by_crawl = Counter(rows.column("crawl").to_pylist()) if rows.num_rows else Counter()
+    return {"rows": rows.num_rows, "candidates": int(got[0]), "dedupe_survivors": int(got[1]),
+            "passing": {name: int(n) for (name, _), n in zip(defn.conditions, got[2:], strict=True)},
+            "by_crawl": dict(sorted(by_crawl.items()))}
+
+
+def _diff(con: duckdb.DuckDBPyConnection, defn: SubsetDefinition, params: Mapping[str, Any], rows: pa.Table,
+          prev: pa.Table | None, previous: dict[str, Any] | None) -> dict[str, Any]:
+    now = rows.column("uid").to_numpy()
+    before = prev.column("uid").to_numpy() if prev is not None else np.zeros(0, np.int64)
+    added = np.setdiff1d(now, before)
+    removed = np.setdiff1d(before, now)
+    reasons = explain_missing(con, defn, params, removed.tolist())
+    prev_parts = set()
+    if prev is not None:
+        prev_parts = {f"{c}|{s}" for c, s in zip(prev.column("crawl").to_pylist(), prev.column("segment").to_pylist(),
+                                                 strict=True)}
+    added_rows = rows.filter(pc.is_in(rows.column("uid"), value_set=pa.array(added, pa.int64())))
+    added_reason = Counter(
+        "first_release" if previous is None else ("new_partition" if f"{c}|{s}" not in prev_parts else "now_matches")
+        for c, s in zip(added_rows.column("crawl").to_pylist(), added_rows.column("segment").to_pylist(),
+                        strict=True))
+    sample = sorted(reasons.items())[:50]
+    return {"added": int(added.size), "removed": int(removed.size),
+            "added_by_reason": dict(sorted(added_reason.items())),
+            "removed_by_reason": dict(sorted(Counter(reasons.values()).items())),
+            "removed_sample": [{"uid": u, "reason": r} for u, r in sample]}
+
+
+DRIFT_COLUMNS = ("aesthetic", "similarity", "punsafe", "pwatermark")
+
+
+def _drift(rows: pa.Table, prev: pa.Table | None) -> dict[str, float]:
+    """Two-sample Kolmogorov-Smirnov statistic per score column against the previous release."""
+    if prev is None or rows.num_rows == 0 or prev.num_rows == 0:
+        return {}
+    from scipy.stats import ks_2samp
+
+    out = {}
+    for col in DRIFT_COLUMNS:
+        a = rows.column(col).drop_null().to_numpy(zero_copy_only=False)
+        b = prev.column(col).drop_null().to_numpy(zero_copy_only=False)
+        if a.size and b.size:
+            out[col] = round(float(ks_2samp(a, b).statistic), 4)
+    return out
+
+
+def _write_parts(rows: pa.Table, base: str, parts: int) -> list[str]:
+    table = rows.select(list(EXPORT_COLUMNS))
+    names = []
+    bounds = np.linspace(0, table.num_rows, parts + 1).round().astype(int)
+    for i in range(parts):
+        name = f"part-{i:05d}-of-{parts:05d}.parquet"
+        io.write_parquet(table.slice(int(bounds[i]), int(bounds[i + 1] - bounds[i])), join(base, name))
+        names.append(name)
+    return names
+
+
+def _source_members(lake_root: str, part: Partition, shard: str, keys: set[str]) -> dict[str, dict[str, bytes]]:
+    """The members (by extension) of the wanted keys in one downloaded shard, read in one pass."""
+    fs, path = io.filesystem(join(Lake(lake_root).shards_dir(part), f"{shard}.tar"))
+    out: dict[str, dict[str, bytes]] = defaultdict(dict)
+    if not fs.exists(path):
+        return out
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            stem, _, ext = member.name.rpartition(".")
+            if stem in keys and member.isfile():
+                data = tar.extractfile(member)
+                if data is not None:
+                    out[stem][ext] = data.read()
+    return out
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible shards
+    tar.addfile(info, _io.BytesIO(data))
+
+
+def _chunk_members(lake_root: str, chunk: Sequence[Mapping[str, Any]]) -> dict[tuple[str, ...], dict[str, bytes]]:
+    wanted: dict[tuple[str, str, str], set[str]] = defaultdict(set)
+    for r in chunk:
+        if r["source_shard"] is not None and r["source_key"] is not None:
+            wanted[(r["crawl"], r["segment"], r["source_shard"])].add(r["source_key"])
+    members: dict[tuple[str, ...], dict[str, bytes]] = {}
+    for (crawl, segment, shard), keys in sorted(wanted.items()):
+        for key, files in _source_members(lake_root, Partition(crawl, segment), shard, keys).items():
+            members[(crawl, segment, shard, key)] = files
+    return members
+
+
+def _write_shards(lake_root: str, rows: pa.Table, base: str, shard_size: int) -> list[str]:
+    """Copy the subset's samples out of the downloaded shards into new webdataset shards (img2dataset layout:
+    `NNNNN.tar` with `<key>.jpg/.txt/.json`, keys 5-digit shard + 4-digit index, plus `NNNNN.parquet`)."""
+    records = rows.to_pylist()
+    names = []
+    written = 0
+    for start in range(0, max(len(records), 1), shard_size):
+        chunk = records[start:start + shard_size]
+        if not chunk:
+            break
+        shard_no = start // shard_size
+        members = _chunk_members(lake_root, chunk)  # one output shard's images in memory at a time
+        index_rows = []
+        buf = _io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i, r in enumerate(chunk):
+                files = members.get((r["crawl"], r["segment"], r["source_shard"], r["source_key"]))
+                image = next(((ext, data) for ext, data in (files or {}).items() if ext in ("jpg", "jpeg", "png",
+                                                                                           "webp")), None)
+                if image is None:
+                    continue  # the shard lost it: counted below, never silently renamed
+                key = f"{shard_no:05d}{i:04d}"
+                meta = {c: r[c] for c in EXPORT_COLUMNS} | {"key": key}
+                _add(tar, f"{key}.{image[0]}", image[1])
+                _add(tar, f"{key}.txt", (r["caption"] or "").encode())
+                _add(tar, f"{key}.json", json.dumps(meta, sort_keys=True, default=str).encode())
+                index_rows.append(meta)
+                written += 1
+        io.write_bytes(buf.getvalue(), join(base, "shards", f"{shard_no:05d}.tar"))
+        listing = pa.Table.from_pylist(index_rows) if index_rows else pa.table({"key": pa.array([], pa.string())})
+        io.write_parquet(listing, join(base, "shards", f"{shard_no:05d}.parquet"))
+        names.append(f"shards/{shard_no:05d}.tar")
+    if written != len(records):
+        raise RuntimeError(f"{len(records) - written} of {len(records)} subset samples are missing from the "
+                           f"downloaded shards; re-materialize downloads for their partitions")
+    return names
+
+
+def release_history(lake_root: str, name: str) -> list[dict[str, Any]]:
+    """Every committed release of a subset (oldest first), read from their release.json files."""
+    fs, root = io.filesystem(subset_dir(lake_root, name))
+    out = []
+    for path in sorted(fs.glob(f"{root}/release-*/{RELEASE_FILE}")):
+        out.append(io.read_json(fs.unstrip_protocol(path) if not io.is_local(subset_dir(lake_root, name)) else path))
+    latest = latest_release(lake_root, name)
+    cutoff = int(latest["release"]) if latest else 0
+    return [r for r in out if int(r["release"]) <= cutoff]
