@@ -1,0 +1,1 @@
+"""Tests of the Dagster UI: the real webserver driven by a headless Chromium."""
