@@ -126,7 +126,8 @@ def choose_index(n: int, dim: int, config: IndexConfig) -> IndexPlan:
                              f"memory budget of {config.memory_budget_bytes:,}: raise the budget")
         return IndexPlan("IDMap2,Flat", "flat", 0, 0, flat_bytes,
                          f"{n} <= {config.flat_max_vectors} vectors: exact search")
-    nlist = min(ivf_lists(n), max(1, n // config.train_points_per_list))
+    # Never more lists than the training points support; a power of two, so the type holds while n doubles.
+    nlist = min(ivf_lists(n), 2 ** int(math.log2(max(1, n // config.train_points_per_list))))
     coarse = f"IVF{nlist}_HNSW32" if nlist > HNSW_QUANTIZER_MIN_LISTS else f"IVF{nlist}"
     ivf_bytes = flat_bytes + nlist * 4 * dim
     if ivf_bytes <= config.memory_budget_bytes:
@@ -235,8 +236,9 @@ class IndexResult:
     k: int
     query_ms_p50: float
     query_ms_p99: float
-    added: int
-    removed: int
+    added: int  # uids now indexed that were not before
+    removed: int  # uids indexed before that are not now
+    rewritten: int  # vectors written by this update (new and changed partitions, or everything on a rebuild)
     rebuilt: bool
     rebuild_reason: str
     partitions: int
@@ -314,9 +316,10 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
     if old is not None and not reason and old.partitions == {k: p.digest for k, p in wanted.items()}:
         return _unchanged_result(old, len(parts), time.perf_counter() - started)
 
+    before = _read_ids(lake_root, config.modality, old).column(R.UID).to_numpy() if old else np.zeros(0, np.int64)
     if reason:
         index, ids = _train(lake_root, parts, plan, dim, config), _empty_ids()
-        changed, removed = sorted(wanted), 0
+        changed = sorted(wanted)
         trained_on = total
     else:
         assert old is not None
@@ -328,24 +331,26 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
         keys = pc.binary_join_element_wise(ids.column(R.CRAWL), ids.column(R.SEGMENT), "|")
         drop = pc.is_in(keys, value_set=pa.array(sorted(drop_keys), pa.string()))
         drop_uids = ids.filter(drop).column(R.UID).to_numpy()
-        removed = int(index.remove_ids(faiss.IDSelectorBatch(drop_uids))) if drop_uids.size else 0
-        if removed != drop_uids.size:
-            raise RuntimeError(f"index removed {removed} of {drop_uids.size} vectors; rebuild it (force_rebuild)")
+        dropped = int(index.remove_ids(faiss.IDSelectorBatch(drop_uids))) if drop_uids.size else 0
+        if dropped != drop_uids.size:
+            raise RuntimeError(f"index removed {dropped} of {drop_uids.size} vectors; rebuild it (force_rebuild)")
         ids = ids.filter(pc.invert(drop))
         trained_on = old.trained_on
     added_tables = [ids]
-    added = 0
+    rewritten = 0
     for key in changed:
         pv = wanted[key]
         for uids, vecs in partition_vectors(lake_root, pv, config.modality, config.batch_size):
             index.add_with_ids(vecs, uids)
-            added += len(uids)
+            rewritten += len(uids)
         added_tables.append(pa.table({R.UID: pa.array(pv.uids, pa.int64()),
                                       R.CRAWL: [pv.partition.crawl] * pv.uids.size,
                                       R.SEGMENT: [pv.partition.segment] * pv.uids.size}, schema=IDS_SCHEMA))
     ids = pa.concat_tables(added_tables)
     if index.ntotal != ids.num_rows:
         raise RuntimeError(f"index holds {index.ntotal} vectors but the id table {ids.num_rows}")
+    after = ids.column(R.UID).to_numpy()
+    added, removed = int(np.setdiff1d(after, before).size), int(np.setdiff1d(before, after).size)
 
     tuning = tune_nprobe(index, plan, lake_root, parts, config)
     generation = (old.generation + 1) if old is not None else 1
@@ -369,7 +374,8 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
     return IndexResult(
         factory=plan.factory, family=plan.family, vectors=int(index.ntotal), dim=dim, nlist=plan.nlist,
         nprobe=tuning.nprobe, recall_at_k=tuning.recall, k=config.k, query_ms_p50=tuning.p50_ms,
-        query_ms_p99=tuning.p99_ms, added=added, removed=removed, rebuilt=bool(reason), rebuild_reason=reason,
+        query_ms_p99=tuning.p99_ms, added=added, removed=removed, rewritten=rewritten, rebuilt=bool(reason),
+        rebuild_reason=reason,
         partitions=len(parts), partitions_changed=changed, index_bytes=len(data),
         build_seconds=time.perf_counter() - started, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
         generation=generation, recall_by_nprobe=tuning.recall_by_nprobe)
@@ -379,7 +385,7 @@ def _unchanged_result(old: Manifest, partitions: int, seconds: float) -> IndexRe
     return IndexResult(
         factory=old.factory, family=old.family, vectors=old.vectors, dim=old.dim, nlist=old.nlist, nprobe=old.nprobe,
         recall_at_k=old.recall_at_k, k=old.k, query_ms_p50=old.query_ms_p50, query_ms_p99=old.query_ms_p99,
-        added=0, removed=0, rebuilt=False, rebuild_reason="", partitions=partitions, partitions_changed=[],
+        added=0, removed=0, rewritten=0, rebuilt=False, rebuild_reason="", partitions=partitions, partitions_changed=[],
         index_bytes=old.index_bytes, build_seconds=seconds, clip_model=old.clip_model,
         clip_checkpoint=old.clip_checkpoint, generation=old.generation, recall_by_nprobe=old.recall_by_nprobe,
         unchanged=True)
@@ -643,6 +649,7 @@ def index_report(result: IndexResult) -> dict[str, dict[str, Any]]:
         "query_ms_p99": num(round(result.query_ms_p99, 3)),
         "added": num(result.added),
         "removed": num(result.removed),
+        "rewritten": num(result.rewritten),
         "rebuilt": {"raw_value": result.rebuilt, "type": "bool"},
         "rebuild_reason": {"raw_value": result.rebuild_reason or "incremental", "type": "text"},
         "unchanged": {"raw_value": result.unchanged, "type": "bool"},

@@ -32,7 +32,7 @@ class Hit:
 def encode_queries(texts: Sequence[str], spec: Mapping[str, Any], index: LoadedIndex, device: str = "auto"
                    ) -> np.ndarray:
     """Text embeddings from the model in `spec`, refused unless it is the model whose embeddings the index holds."""
-    config = ScoringConfig.from_spec(spec, device=device)
+    config = ScoringConfig.from_spec(spec, device=device, precision="fp32" if device == "cpu" else "fp16")
     want = (index.manifest.clip_model, index.manifest.clip_checkpoint)
     have = (config.clip.model_name, checkpoint_identity(config.clip.pretrained))
     if have != want:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import dagster as dg
 import pytest
 
 from assets.clip import clip
+from assets.dedupe import dedupe
 from assets.downloads import downloads
 from assets.pairs import pairs
 from curation.sample_server import SampleWebServer
@@ -46,3 +48,14 @@ def scored_lake(sample_web: SampleWeb, sample_server: SampleWebServer, sample_mo
     results = [dg.materialize([pairs, downloads, clip], partition_key=f"{sample_web.config.crawl}|{seg}",
                               resources=resources, instance=instance, raise_on_error=False) for seg in SEGMENTS]
     return lake, results
+
+
+@pytest.fixture(scope="session")
+def deduped(scored_lake: tuple[Path, list[dg.ExecuteInProcessResult]], sample_web: SampleWeb,
+            tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.ExecuteInProcessResult]:
+    """A copy of the scored lake with the dedupe asset materialized over both partitions."""
+    lake = tmp_path_factory.mktemp("deduped") / "lake"
+    shutil.copytree(scored_lake[0], lake)
+    result = dg.materialize([dedupe], resources={"lake": LakeResource(root=str(lake), crawl_root=str(sample_web.root))},
+                            raise_on_error=False)
+    return lake, result

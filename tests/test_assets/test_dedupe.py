@@ -10,28 +10,12 @@ from typing import Any
 import dagster as dg
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
-from assets.dedupe import dedupe
 from curation import records as R
 from curation.dedupe import DedupeConfig, dedupe_lake
 from curation.io import finished_partitions
 from curation.layout import Lake
-from resources.storage import LakeResource
 from tests.conftest import SampleWeb
-
-
-def _materialize(lake: Path, sample_web: SampleWeb) -> dg.ExecuteInProcessResult:
-    return dg.materialize([dedupe], resources={"lake": LakeResource(root=str(lake), crawl_root=str(sample_web.root))},
-                          raise_on_error=False)
-
-
-@pytest.fixture(scope="module")
-def deduped(scored_lake: tuple[Path, list[dg.ExecuteInProcessResult]], sample_web: SampleWeb,
-            tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dg.ExecuteInProcessResult]:
-    lake = tmp_path_factory.mktemp("deduped") / "lake"
-    shutil.copytree(scored_lake[0], lake)
-    return lake, _materialize(lake, sample_web)
 
 
 def _rows(lake: Path, sample_web: SampleWeb) -> list[dict[str, Any]]:
@@ -52,7 +36,7 @@ def test_materializes_with_checks_and_gallery(deduped: tuple[Path, dg.ExecuteInP
     lake, result = deduped
     assert result.success
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"one_survivor_per_cluster": True, "rows_match_kept_clip": True}
+    assert checks == {"one_survivor_per_cluster": True, "rows_match_kept_clip": True, "partition_counts_agree": True}
     [mat] = result.asset_materializations_for_node("dedupe")
     assert mat.metadata["duplicates_removed"].value > 0
     assert "data:image/png;base64," in mat.metadata["gallery"].value
