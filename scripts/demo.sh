@@ -20,8 +20,15 @@ echo
                                    JOIN clip c USING (crawl, segment, uid)
                                    LEFT JOIN dedupe x USING (crawl, segment, uid)
                               GROUP BY ALL ORDER BY ALL"
+echo
+"$BIN/curation" subset list "$LAKE"
+echo
+echo 'curation index search "a drawing of a red circle":'
+"$BIN/curation" index search "$LAKE" --text "a drawing of a red circle" -k 5 --spec "$CURATION_CLIP_SPEC"
 cat <<TXT
 
 Lake:        $LAKE   (query it: .venv/bin/curation sql $LAKE "SELECT * FROM pairs LIMIT 5")
+Subsets:     $LAKE/subsets/<name>/release-NNNNNN/ (img2dataset parquet parts, webdataset shards, release.json)
+Search:      .venv/bin/curation index search $LAKE --text "blue stars" --spec $CURATION_CLIP_SPEC [--json]
 Dagster UI:  make ui, then open http://127.0.0.1:3000 (the demo's runs are in $DAGSTER_HOME)
 TXT
