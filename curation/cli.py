@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modality", choices=("image", "text"), default="image")
     b.add_argument("--memory-budget-gb", type=float, default=4.0)
     b.add_argument("--flat-max-vectors", type=int, default=20_000, help="exact search up to this many vectors")
-    b.add_argument("--target-recall", type=float, default=0.95)
+    b.add_argument("--target-recall", type=float, default=0.96)
     b.add_argument("--force", action="store_true", help="retrain from scratch")
     b.set_defaults(func=_index_build)
     q = isub.add_parser("search", help="text-to-image search: top-k hits with uid, url, caption, score")

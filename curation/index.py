@@ -59,7 +59,7 @@ class IndexConfig:
     modality: str = "image"
     memory_budget_bytes: int = 4 << 30
     flat_max_vectors: int = 20_000
-    target_recall: float = 0.95
+    target_recall: float = 0.96  # on sampled indexed vectors; held-out queries land ~0.01 lower
     k: int = 10
     max_query_ms: float = 10.0
     eval_queries: int = 500

@@ -26,8 +26,16 @@ from tests.conftest import SampleWeb
 def test_definitions_load_and_validate() -> None:
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
-    assert "pairs" in keys
+    assert {"pairs", "downloads", "clip", "dedupe", "index", "subsets/laion_aesthetic",
+            "subsets/laion_high_res"} <= keys
     assert isinstance(defs.resources["compute"], LocalComputeResource)
+    schedule = defs.resolve_schedule_def("subset_refresh")
+    assert schedule.cron_schedule == "0 4 * * *" and schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey("index")).automation_condition is not None
+    job = defs.resolve_job_def("refresh_subsets")
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {
+        "subsets/laion_aesthetic", "subsets/laion_high_res"}
 
 
 def test_workspace_yaml_points_at_the_definitions() -> None:
@@ -88,7 +96,8 @@ def test_runner_materializes_every_partition_and_sql_sees_it(
     for asset in ("pairs", "downloads", "clip"):
         assert summary[asset].partitions_ok == 2 and summary[asset].partitions_failed == 0, summary[asset]
     assert summary["clip"].rows == summary["pairs"].rows
-    assert summary["dedupe"].partitions_ok == 1 and summary["dedupe"].partitions_failed == 0, summary["dedupe"]
+    for asset in ("dedupe", "index", "subsets/laion_aesthetic", "subsets/laion_high_res"):
+        assert summary[asset].partitions_ok == 1 and summary[asset].partitions_failed == 0, (asset, summary[asset])
     expected = sum(1 for r in sample_web.truth() if r["extract"])
     assert summary["pairs"].rows == expected
     assert instance.get_dynamic_partitions("cc_crawl") == [sample_web.config.crawl]
