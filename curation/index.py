@@ -25,6 +25,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -354,10 +355,9 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
 
     tuning = tune_nprobe(index, plan, lake_root, parts, config)
     generation = (old.generation + 1) if old is not None else 1
-    data = faiss.serialize_index(index).tobytes()
     out_dir = index_dir(lake_root, config.modality)
     index_file, ids_file = f"index-{generation:06d}.faiss", f"ids-{generation:06d}.parquet"
-    io.write_bytes(data, join(out_dir, index_file))
+    index_bytes = _write_index(index, join(out_dir, index_file))
     io.write_parquet(ids, join(out_dir, ids_file))
     manifest = Manifest(
         generation=generation, factory=plan.factory, family=plan.family, dim=dim, nlist=plan.nlist,
@@ -365,7 +365,7 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
         partitions={k: p.digest for k, p in sorted(wanted.items())}, vectors=int(index.ntotal),
         trained_on=trained_on, recall_at_k=tuning.recall, k=config.k, query_ms_p50=tuning.p50_ms,
         query_ms_p99=tuning.p99_ms, recall_by_nprobe=tuning.recall_by_nprobe, index_file=index_file,
-        ids_file=ids_file, index_bytes=len(data))
+        ids_file=ids_file, index_bytes=index_bytes)
     io.write_json(asdict(manifest), join(out_dir, MANIFEST_FILE))  # the commit point
     if old is not None:
         for stale in (old.index_file, old.ids_file):
@@ -376,7 +376,7 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
         nprobe=tuning.nprobe, recall_at_k=tuning.recall, k=config.k, query_ms_p50=tuning.p50_ms,
         query_ms_p99=tuning.p99_ms, added=added, removed=removed, rewritten=rewritten, rebuilt=bool(reason),
         rebuild_reason=reason,
-        partitions=len(parts), partitions_changed=changed, index_bytes=len(data),
+        partitions=len(parts), partitions_changed=changed, index_bytes=index_bytes,
         build_seconds=time.perf_counter() - started, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
         generation=generation, recall_by_nprobe=tuning.recall_by_nprobe)
 
@@ -462,6 +462,17 @@ def _train(lake_root: str, parts: Sequence[PartitionVectors], plan: IndexPlan, d
 
 def _empty_ids() -> pa.Table:
     return IDS_SCHEMA.empty_table()
+
+
+def _write_index(index: faiss.Index, path: str) -> int:
+    """Write atomically; straight from faiss to a local file (no in-memory copy of a multi-GB index)."""
+    if io.is_local(path):
+        with io.atomic_path(path) as tmp:
+            faiss.write_index(index, tmp)
+            return int(Path(tmp).stat().st_size)
+    data = faiss.serialize_index(index)
+    io.write_bytes(data.tobytes(), path)
+    return int(data.size)
 
 
 def _load_index(lake_root: str, modality: str, manifest: Manifest) -> faiss.Index:

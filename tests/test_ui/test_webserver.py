@@ -284,7 +284,7 @@ def test_asset_graph_shows_every_asset_with_its_state(
     assert_rendered_png(overview.screenshot)
     assert "Global asset lineage" in overview.texts
     assert overview.follows("ingest", "2"), overview.texts  # the group box: pairs and downloads
-    assert {"clip", "dedupe"} <= set(overview.texts)
+    assert {"clip", "dedupe", "index", "subsets"} <= set(overview.texts)
 
 
 def test_materialization_page_shows_the_emitted_metadata(
