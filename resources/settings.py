@@ -3,15 +3,88 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from curation.layout import CC_HTTPS_ROOT
 
+COMPUTE_MODES = ("local", "slurm")
+# Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_SLURM_ENV_HINT = ('for the local cluster: scripts/slurm.sh up && scripts/slurm-env.sh && '
+                   'eval "$(scripts/slurm.sh env)"; on a real cluster see README "Running on SLURM"')
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """How the `slurm` deployment reaches the cluster: an SSH login (key *path* only, strict host keys
+    against `known_hosts`), the queue (partition, GPU partition, account, qos, default walltime, CPUs and
+    memory per job), `remote_base` (run directories, on storage the compute nodes share) and `env_path`
+    (the pre-deployed job environment that scripts/slurm-env.sh builds: `<env_path>/activate.sh` and
+    `<env_path>/env/bin/python`, on the cluster's side)."""
+
+    host: str
+    user: str
+    key_path: str
+    known_hosts: str
+    remote_base: str
+    env_path: str
+    port: int = 22
+    partition: str = ""
+    gpu_partition: str = ""
+    account: str | None = None
+    qos: str | None = None
+    walltime: str = "01:00:00"
+    cpus: int = 2
+    mem: str = "4G"
+
+    def __post_init__(self) -> None:
+        missing = [name for name in ("host", "user", "key_path", "known_hosts", "remote_base", "env_path")
+                   if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"SLURM deployment: {', '.join(missing)} not set ({_SLURM_ENV_HINT})")
+        for what, path in (("SSH key", self.key_path), ("known_hosts file", self.known_hosts)):
+            if not Path(path).expanduser().is_file():
+                raise ValueError(f"SLURM deployment: {what} {path} does not exist ({_SLURM_ENV_HINT})")
+        for what, path in (("remote_base", self.remote_base), ("env_path", self.env_path)):
+            if not path.startswith("/"):
+                raise ValueError(f"SLURM deployment: {what} must be an absolute path on the cluster, got {path!r}")
+        if not _WALLTIME.match(self.walltime):
+            raise ValueError(f"SLURM deployment: walltime {self.walltime!r} is not a Slurm time limit "
+                             "(e.g. 01:00:00, 90, 1-00:00:00)")
+        if not 0 < self.port < 65536 or self.cpus < 1:
+            raise ValueError(f"SLURM deployment: bad port {self.port} or cpus {self.cpus}")
+
+    @classmethod
+    def from_env(cls) -> SlurmSettings:
+        """CURATION_SLURM_HOST, _PORT (22), _USER, _KEY (path of the private key), _KNOWN_HOSTS, _REMOTE_BASE,
+        _ENV (pre-deployed environment), _PARTITION, _GPU_PARTITION (partition for steps that request
+        GPUs; default: _PARTITION), _ACCOUNT, _QOS, _WALLTIME (default job time limit, 01:00:00),
+        _JOB_CPUS (2), _JOB_MEM (4G). Every missing required variable is named in one error."""
+        env = {name: os.environ.get(f"CURATION_SLURM_{name}", "").strip() for name in (
+            "HOST", "PORT", "USER", "KEY", "KNOWN_HOSTS", "REMOTE_BASE", "ENV", "PARTITION", "GPU_PARTITION",
+            "ACCOUNT", "QOS", "WALLTIME", "JOB_CPUS", "JOB_MEM")}
+        missing = [f"CURATION_SLURM_{n}" for n in ("HOST", "USER", "KEY", "KNOWN_HOSTS", "REMOTE_BASE", "ENV")
+                   if not env[n]]
+        if missing:
+            raise ValueError(f"CURATION_COMPUTE=slurm needs {', '.join(missing)} ({_SLURM_ENV_HINT})")
+        try:
+            port, cpus = int(env["PORT"] or 22), int(env["JOB_CPUS"] or 2)
+        except ValueError as e:
+            raise ValueError(f"CURATION_SLURM_PORT and CURATION_SLURM_JOB_CPUS must be integers: {e}") from None
+        return cls(
+            host=env["HOST"], user=env["USER"], key_path=env["KEY"], known_hosts=env["KNOWN_HOSTS"],
+            remote_base=env["REMOTE_BASE"], env_path=env["ENV"], port=port, partition=env["PARTITION"],
+            gpu_partition=env["GPU_PARTITION"] or env["PARTITION"], account=env["ACCOUNT"] or None,
+            qos=env["QOS"] or None, walltime=env["WALLTIME"] or "01:00:00", cpus=cpus, mem=env["JOB_MEM"] or "4G",
+        )
+
 
 @dataclass(frozen=True)
 class Settings:
-    """Where the lake and the crawl listings live, and how compute is dispatched."""
+    """Where the lake and the crawl listings live, and how compute is dispatched (`compute`: `local`, or
+    `slurm` with `slurm` describing the cluster)."""
 
     lake_root: str
     crawl_root: str
@@ -22,14 +95,19 @@ class Settings:
     clip_device: str = "auto"
     subsets_registry: str | None = None
     subset_cron: str = "0 4 * * *"
+    slurm: SlurmSettings | None = None
 
     def __post_init__(self) -> None:
-        if self.compute not in ("local",):
-            raise ValueError(f"CURATION_COMPUTE must be 'local', got {self.compute!r}")
+        if self.compute not in COMPUTE_MODES:
+            raise ValueError(f"CURATION_COMPUTE must be one of {', '.join(COMPUTE_MODES)}, got {self.compute!r}")
+        if self.compute == "slurm" and self.slurm is None:
+            # Settings built field by field (`curation run`) take the cluster from the environment too.
+            object.__setattr__(self, "slurm", SlurmSettings.from_env())
 
     @classmethod
     def from_env(cls) -> Settings:
-        """CURATION_LAKE, CURATION_CRAWL_ROOT, CURATION_COMPUTE, CURATION_CRAWLS (comma list),
+        """CURATION_LAKE, CURATION_CRAWL_ROOT, CURATION_COMPUTE (local or slurm; slurm reads CURATION_SLURM_*,
+        see `SlurmSettings.from_env`), CURATION_CRAWLS (comma list),
         CURATION_ALLOW_LOOPBACK (1 to let the downloader reach 127.0.0.0/8, for the sample web),
         CURATION_CLIP_SPEC (models spec JSON for the clip asset), CURATION_CLIP_DEVICE (auto, cpu, cuda),
         CURATION_SUBSETS (a YAML/JSON registry of extra subset definitions), CURATION_SUBSET_CRON (when the

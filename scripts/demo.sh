@@ -7,6 +7,9 @@ source scripts/common.sh
 ensure_sample
 ensure_sample_models
 start_sample_server
+# CURATION_COMPUTE=slurm (with CURATION_SLURM_* exported): the GPU stages run as SLURM jobs, in a job
+# environment brought up to date with this checkout first.
+if [ "${CURATION_COMPUTE:-local}" = slurm ]; then scripts/slurm-env.sh; fi
 "$BIN/curation" run --crawl-root "$SAMPLE" --lake "$LAKE" --dagster-home "$DAGSTER_HOME" --allow-loopback
 echo
 "$BIN/curation" sql "$LAKE" "SELECT p.segment, count(*) AS pairs,

@@ -7,6 +7,7 @@
 #   scripts/slurm.sh down     cancel jobs, stop every daemon this script started
 #   scripts/slurm.sh status   one line per daemon, then sinfo; exit 1 unless everything runs
 #   scripts/slurm.sh env      export lines for tests and CI: eval "$(scripts/slurm.sh env)"
+#                             (CURATION_SLURM_ENV names the job environment; scripts/slurm-env.sh builds it)
 #
 # Facts and pitfalls behind each choice: shared/reference/slurm-local.md. Runs as root (jobs run as root).
 set -euo pipefail
@@ -436,7 +437,7 @@ cmd_status() {
 
 cmd_env() {
   local var value
-  for var in HOST PORT USER KEY KNOWN_HOSTS PARTITION GPU_PARTITION ACCOUNT REMOTE_BASE; do
+  for var in HOST PORT USER KEY KNOWN_HOSTS PARTITION GPU_PARTITION ACCOUNT REMOTE_BASE ENV; do
     case $var in
       HOST) value=127.0.0.1 ;;
       PORT) value=$(configured_ssh_port) ;;
@@ -447,6 +448,7 @@ cmd_env() {
       GPU_PARTITION) value=$GPU_PARTITION ;;
       ACCOUNT) value=$ACCOUNT ;;
       REMOTE_BASE) value=$STATE/remote ;;
+      ENV) value=$STATE/jobenv ;;  # the job environment scripts/slurm-env.sh builds
     esac
     printf 'export CURATION_SLURM_%s=%q\n' "$var" "$value"
   done

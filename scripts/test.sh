@@ -4,4 +4,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1 PYTHONUNBUFFERED=1
 scripts/system-deps.sh chromium
+# The full suite (no test path given) includes the SLURM tests: bring the local cluster up first
+# (idempotent). In CI it must come up; elsewhere (no root, no apt) the SLURM tests are skipped, with the reason.
+full_suite=1
+for arg in "$@"; do [ ! -e "${arg%%::*}" ] || full_suite=0; done  # a test path selects part of the suite
+if [ $full_suite = 1 ] && [ -z "${CURATION_SLURM_UNAVAILABLE:-}" ]; then
+  if ! scripts/slurm.sh up; then
+    [ -z "${CI:-}" ] || { echo "test.sh: the SLURM cluster did not come up (required in CI)" >&2; exit 1; }
+    export CURATION_SLURM_UNAVAILABLE="scripts/slurm.sh up failed (see its output above)"
+    echo "test.sh: $CURATION_SLURM_UNAVAILABLE; the SLURM tests will be skipped" >&2
+  fi
+fi
 exec .venv/bin/python -m pytest "$@"
