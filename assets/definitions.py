@@ -37,7 +37,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             "lake": LakeResource(root=settings.lake_root, crawl_root=settings.crawl_root, crawls=list(settings.crawls)),
             "compute": build_compute(settings),
             "downloader": DownloaderResource(allow_loopback=settings.allow_loopback),
-            "clip_model": ClipModelResource(spec_path=settings.clip_spec, device=settings.clip_device),
+            "clip_model": ClipModelResource(spec_path=settings.clip_spec, device=settings.clip_device,
+                                            gpus=settings.clip_gpus),
         },
     )
 

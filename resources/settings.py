@@ -93,6 +93,7 @@ class Settings:
     allow_loopback: bool = False
     clip_spec: str | None = None
     clip_device: str = "auto"
+    clip_gpus: int = 0
     subsets_registry: str | None = None
     subset_cron: str = "0 4 * * *"
     slurm: SlurmSettings | None = None
@@ -100,6 +101,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.compute not in COMPUTE_MODES:
             raise ValueError(f"CURATION_COMPUTE must be one of {', '.join(COMPUTE_MODES)}, got {self.compute!r}")
+        if self.clip_gpus < 0:
+            raise ValueError(f"CURATION_CLIP_GPUS must be >= 0, got {self.clip_gpus}")
         if self.compute == "slurm" and self.slurm is None:
             # Settings built field by field (`curation run`) take the cluster from the environment too.
             object.__setattr__(self, "slurm", SlurmSettings.from_env())
@@ -110,7 +113,8 @@ class Settings:
         see `SlurmSettings.from_env`), CURATION_CRAWLS (comma list),
         CURATION_ALLOW_LOOPBACK (1 to let the downloader reach 127.0.0.0/8, for the sample web),
         CURATION_CLIP_SPEC (models spec JSON for the clip asset), CURATION_CLIP_DEVICE (auto, cpu, cuda),
-        CURATION_SUBSETS (a YAML/JSON registry of extra subset definitions), CURATION_SUBSET_CRON (when the
+        CURATION_CLIP_GPUS (GPUs each clip job requests from SLURM; 0), CURATION_SUBSETS (a YAML/JSON
+        registry of extra subset definitions), CURATION_SUBSET_CRON (when the
         subset_refresh schedule re-exports the subsets; default daily at 04:00)."""
         lake = os.environ.get("CURATION_LAKE") or str(Path(".data/lake").absolute())
         crawls = tuple(c.strip() for c in os.environ.get("CURATION_CRAWLS", "").split(",") if c.strip())
@@ -122,6 +126,16 @@ class Settings:
             allow_loopback=os.environ.get("CURATION_ALLOW_LOOPBACK", "") in ("1", "true", "yes"),
             clip_spec=os.environ.get("CURATION_CLIP_SPEC") or None,
             clip_device=os.environ.get("CURATION_CLIP_DEVICE", "auto"),
+            clip_gpus=clip_gpus_from_env(),
             subsets_registry=os.environ.get("CURATION_SUBSETS") or None,
             subset_cron=os.environ.get("CURATION_SUBSET_CRON") or "0 4 * * *",
         )
+
+
+def clip_gpus_from_env() -> int:
+    """CURATION_CLIP_GPUS as an integer (0 when unset)."""
+    value = os.environ.get("CURATION_CLIP_GPUS", "").strip() or "0"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"CURATION_CLIP_GPUS must be an integer, got {value!r}") from None
