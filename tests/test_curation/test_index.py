@@ -68,11 +68,11 @@ CONFIG = IndexConfig(flat_max_vectors=1000, eval_queries=200, batch_size=500)
 def test_choose_index_follows_count_and_budget() -> None:
     assert choose_index(500, 512, IndexConfig()).family == "flat"
     plan = choose_index(1_000_000, 512, IndexConfig(memory_budget_bytes=4 << 30))
-    assert plan.family == "ivf_flat" and plan.factory == "IVF1024,Flat" and plan.nlist == ivf_lists(1_000_000)
-    assert choose_index(20_000_000, 512, IndexConfig(memory_budget_bytes=64 << 30)).factory.startswith("IVF4096")
-    assert choose_index(100_000_000, 512, IndexConfig(memory_budget_bytes=256 << 30)).factory == "IVF8192_HNSW32,Flat"
+    assert plan.family == "ivf_flat" and plan.factory == "IVF2048,Flat" and plan.nlist == ivf_lists(1_000_000)
+    assert choose_index(20_000_000, 512, IndexConfig(memory_budget_bytes=64 << 30)).factory == "IVF8192_HNSW32,Flat"
+    assert choose_index(100_000_000, 512, IndexConfig(memory_budget_bytes=256 << 30)).factory == "IVF16384_HNSW32,Flat"
     assert choose_index(100_000_000, 512, IndexConfig(memory_budget_bytes=64 << 30)).factory == (
-        "OPQ256_768,IVF8192_HNSW32,PQ256x8")
+        "OPQ256_768,IVF16384_HNSW32,PQ256x8")
     pq_plan = choose_index(1_000_000, 512, IndexConfig(memory_budget_bytes=200 << 20))
     assert pq_plan.family == "ivf_pq" and pq_plan.estimated_bytes <= 200 << 20
     assert pq_plan.factory.startswith(f"OPQ{pq_plan.pq_m}_") and f"PQ{pq_plan.pq_m}x8" in pq_plan.factory
