@@ -54,7 +54,7 @@ def run_crawls(
     defs = build_definitions(settings)
     job = defs.resolve_implicit_global_asset_job_def()
     graph = defs.resolve_asset_graph()
-    keys = [k for k in graph.get_all_asset_keys() if graph.get(k).is_materializable]
+    keys = [k for k in graph.toposorted_asset_keys if graph.get(k).is_materializable]
     partitioned = [k for k in keys if graph.get(k).partitions_def == crawl_segment_partitions]
     global_keys = [k for k in keys if graph.get(k).partitions_def is None]
     known = set(instance.get_dynamic_partitions(crawl_partitions.name or "cc_crawl"))
@@ -92,6 +92,11 @@ def run_crawls(
     return summary
 
 
+def _asset_name(step_key: str) -> str:
+    """The asset a step materializes, spelt as in the summary (`subsets__laion_aesthetic` -> `subsets/...`)."""
+    return step_key.split(".")[-1].replace("__", "/")
+
+
 def _collect(result: dg.ExecuteInProcessResult, summary: dict[str, AssetSummary], label: str) -> None:
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
@@ -102,9 +107,9 @@ def _collect(result: dg.ExecuteInProcessResult, summary: dict[str, AssetSummary]
     for event in result.all_events:
         if event.is_step_success and event.step_key:
             millis = getattr(event.event_specific_data, "duration_ms", 0.0) or 0.0
-            summary.setdefault(event.step_key.split(".")[-1], AssetSummary()).seconds += millis / 1000
+            summary.setdefault(_asset_name(event.step_key), AssetSummary()).seconds += millis / 1000
         if event.is_step_failure and event.step_key:
-            name = event.step_key.split(".")[-1]
+            name = _asset_name(event.step_key)
             entry = summary.setdefault(name, AssetSummary())
             entry.partitions_failed += 1
             error = event.step_failure_data.error if event.step_failure_data else None
