@@ -6,9 +6,9 @@ import dagster as dg
 
 from assets.clip import clip
 from assets.dedupe import dedupe
-from assets.downloads import downloads
+from assets.downloads import build_downloads
 from assets.index import index
-from assets.pairs import pairs
+from assets.pairs import build_pairs
 from assets.sensors import build_crawl_sensor, crawl_sensor_default_running
 from assets.subsets import build_subset_assets, build_subset_schedule
 from curation.subsets import load_registry
@@ -22,8 +22,9 @@ from resources.storage import LakeResource
 def build_definitions(settings: Settings) -> dg.Definitions:
     """All definitions, wired to the given settings (the UI and `curation run` use the same ones)."""
     subsets = build_subset_assets(load_registry(settings.subsets_registry))
+    on_compute = settings.cpu_stages == "compute"
     return dg.Definitions(
-        assets=[pairs, downloads, clip, dedupe, index, *subsets],
+        assets=[build_pairs(on_compute), build_downloads(on_compute), clip, dedupe, index, *subsets],
         schedules=[build_subset_schedule(settings.subset_cron)],
         sensors=[
             build_crawl_sensor(crawl_sensor_default_running(settings.crawl_root)),

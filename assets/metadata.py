@@ -3,12 +3,54 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import dagster as dg
 
 from curation.plots import counts_markdown
+from curation.stages import StageReport
 
 
 def counts_table(counts: Mapping[str, int], title: str = "reason") -> dg.MetadataValue:
     """A markdown table of counts, largest first."""
     return dg.MetadataValue.md(counts_markdown(counts, title))
+
+
+_KINDS = {
+    "int": dg.MetadataValue.int,
+    "float": dg.MetadataValue.float,
+    "text": dg.MetadataValue.text,
+    "md": dg.MetadataValue.md,
+    "path": dg.MetadataValue.path,
+    "json": dg.MetadataValue.json,
+    "bool": dg.MetadataValue.bool,
+}
+
+
+def typed_metadata(metadata: Mapping[str, tuple[str, Any]]) -> dict[str, dg.MetadataValue]:
+    """A core `StageReport`'s {key: (type, value)} metadata as Dagster metadata values."""
+    return {k: _KINDS[t](v) for k, (t, v) in metadata.items()}
+
+
+def stage_result(context: dg.AssetExecutionContext, report: StageReport) -> dg.MaterializeResult:
+    """The MaterializeResult of a CPU stage run in process."""
+    if report.log:
+        context.log.info(report.log)
+    return dg.MaterializeResult(
+        metadata=typed_metadata(report.metadata),
+        check_results=[
+            dg.AssetCheckResult(check_name=c.name, passed=c.passed, metadata=typed_metadata(c.metadata),
+                                severity=dg.AssetCheckSeverity.WARN if c.warn_only else dg.AssetCheckSeverity.ERROR)
+            for c in report.checks
+        ],
+    )
+
+
+def dispatched_result(invocation: Any, what: str) -> dg.MaterializeResult:
+    """The MaterializeResult of a payload run through the compute resource (one materialization expected)."""
+    results = invocation.get_results()
+    materializations = [r for r in results if isinstance(r, dg.MaterializeResult)]
+    if len(materializations) != 1:
+        raise dg.Failure(f"the {what} payload reported {len(materializations)} materializations, expected 1")
+    checks = [r for r in results if isinstance(r, dg.AssetCheckResult)]
+    return dg.MaterializeResult(metadata=materializations[0].metadata, check_results=checks)

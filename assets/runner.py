@@ -161,6 +161,7 @@ def _run_command(args: argparse.Namespace) -> int:
         clip_spec=args.clip_spec,
         clip_device=args.clip_device,
         clip_gpus=clip_gpus_from_env(),
+        cpu_stages=os.environ.get("CURATION_CPU_STAGES") or "process",
     )
     crawls = args.crawl or cc.discover_crawls(settings.crawl_root)
     if not crawls:

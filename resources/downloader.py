@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dagster as dg
 from pydantic import Field
 
 from curation.download import DownloadConfig
 from curation.netguard import NetPolicy
+from curation.stages import download_options
 
 
 class DownloaderResource(dg.ConfigurableResource):
@@ -25,18 +28,13 @@ class DownloaderResource(dg.ConfigurableResource):
     max_connections_per_host: int = 4
     number_sample_per_shard: int = 10_000
 
+    def options(self) -> dict[str, Any]:
+        """Plain options (`curation.stages.download_options` turns them into config and policy), as a payload
+        running on another machine receives them."""
+        return self.model_dump()
+
     def policy(self) -> NetPolicy:
-        kwargs = {"allow_cidrs": tuple(self.allow_cidrs), "allow_hosts": tuple(self.allow_hosts)}
-        return NetPolicy.with_loopback(**kwargs) if self.allow_loopback else NetPolicy(**kwargs)
+        return download_options(self.options())[1]
 
     def config(self) -> DownloadConfig:
-        return DownloadConfig(
-            image_size=self.image_size,
-            resize_mode=self.resize_mode,
-            processes=self.processes,
-            threads=self.threads,
-            timeout_s=self.timeout_s,
-            retries=self.retries,
-            max_connections_per_host=self.max_connections_per_host,
-            number_sample_per_shard=self.number_sample_per_shard,
-        )
+        return download_options(self.options())[0]

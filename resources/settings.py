@@ -10,6 +10,7 @@ from pathlib import Path
 from curation.layout import CC_HTTPS_ROOT
 
 COMPUTE_MODES = ("local", "slurm")
+CPU_STAGE_PLACES = ("process", "compute")
 # Slurm's time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _WALLTIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 _SLURM_ENV_HINT = ('for the local cluster: scripts/slurm.sh up && scripts/slurm-env.sh && '
@@ -96,11 +97,15 @@ class Settings:
     clip_gpus: int = 0
     subsets_registry: str | None = None
     subset_cron: str = "0 4 * * *"
+    cpu_stages: str = "process"  # "compute": pairs and downloads run as jobs on the compute resource too
     slurm: SlurmSettings | None = None
 
     def __post_init__(self) -> None:
         if self.compute not in COMPUTE_MODES:
             raise ValueError(f"CURATION_COMPUTE must be one of {', '.join(COMPUTE_MODES)}, got {self.compute!r}")
+        if self.cpu_stages not in CPU_STAGE_PLACES:
+            raise ValueError(f"CURATION_CPU_STAGES must be one of {', '.join(CPU_STAGE_PLACES)}, "
+                             f"got {self.cpu_stages!r}")
         if self.clip_gpus < 0:
             raise ValueError(f"CURATION_CLIP_GPUS must be >= 0, got {self.clip_gpus}")
         if self.compute == "slurm" and self.slurm is None:
@@ -114,7 +119,8 @@ class Settings:
         CURATION_ALLOW_LOOPBACK (1 to let the downloader reach 127.0.0.0/8, for the sample web),
         CURATION_CLIP_SPEC (models spec JSON for the clip asset), CURATION_CLIP_DEVICE (auto, cpu, cuda),
         CURATION_CLIP_GPUS (GPUs each clip job requests from SLURM; 0), CURATION_SUBSETS (a YAML/JSON
-        registry of extra subset definitions), CURATION_SUBSET_CRON (when the
+        registry of extra subset definitions), CURATION_CPU_STAGES (process, or compute to run pairs and
+        downloads as jobs on the compute resource too), CURATION_SUBSET_CRON (when the
         subset_refresh schedule re-exports the subsets; default daily at 04:00)."""
         lake = os.environ.get("CURATION_LAKE") or str(Path(".data/lake").absolute())
         crawls = tuple(c.strip() for c in os.environ.get("CURATION_CRAWLS", "").split(",") if c.strip())
@@ -129,6 +135,7 @@ class Settings:
             clip_gpus=clip_gpus_from_env(),
             subsets_registry=os.environ.get("CURATION_SUBSETS") or None,
             subset_cron=os.environ.get("CURATION_SUBSET_CRON") or "0 4 * * *",
+            cpu_stages=os.environ.get("CURATION_CPU_STAGES") or "process",
         )
 
 

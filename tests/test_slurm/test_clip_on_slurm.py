@@ -15,8 +15,8 @@ import pytest
 from dagster_slurm import ComputeResource
 
 from assets.clip import clip
-from assets.downloads import downloads
-from assets.pairs import pairs
+from assets.downloads import build_downloads, downloads
+from assets.pairs import build_pairs, pairs
 from curation.sample_server import SampleWebServer
 from resources.clip_model import ClipModelResource
 from resources.compute import build_compute
@@ -76,3 +76,34 @@ def test_clip_on_slurm_matches_local_mode(sample_web: SampleWeb, sample_server: 
     for name in EMBEDDINGS:
         a, b = np.load(part / "embeddings" / name), np.load(reference / "embeddings" / name)
         assert a.dtype == b.dtype and np.array_equal(a, b), name
+
+
+def test_cpu_stages_on_slurm_match_the_process(sample_web: SampleWeb, sample_server: SampleWebServer,
+                                               slurm_compute: ComputeResource, tmp_path: Path) -> None:
+    """`pairs` and `downloads` built for the compute resource (CURATION_CPU_STAGES=compute) run as SLURM jobs and
+    write what the in-process assets write."""
+    key = f"{sample_web.config.crawl}|{SEGMENT}"
+    tables = {}
+    for where, assets, compute in (
+        ("process", [pairs, downloads], build_compute(Settings(lake_root=str(tmp_path),
+                                                               crawl_root=str(sample_web.root)))),
+        ("slurm", [build_pairs(on_compute=True), build_downloads(on_compute=True)], slurm_compute),
+    ):
+        lake = tmp_path / where
+        instance = dg.DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions("cc_crawl", [sample_web.config.crawl])
+        result = dg.materialize(assets, partition_key=key, instance=instance, resources={
+            "lake": LakeResource(root=str(lake), crawl_root=str(sample_web.root)),
+            "downloader": DownloaderResource(allow_loopback=True, processes=1, threads=16), "compute": compute})
+        assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+        if where == "slurm":
+            for node in ("pairs", "downloads"):
+                [mat] = result.asset_materializations_for_node(node)
+                assert sacct(str(mat.metadata["slurm_job_id"].value))[0] == "COMPLETED"
+                assert mat.metadata["dagster/row_count"].value > 100
+        part = f"crawl={sample_web.config.crawl}/segment={SEGMENT}"
+        tables[where] = (pq.read_table(lake / "pairs" / part / "pairs.parquet"),
+                         pq.read_table(lake / "downloads" / part / "downloads.parquet",
+                                       columns=["uid", "status", "reason", "sha256", "original_width"]).sort_by("uid"))
+    assert tables["slurm"][0].equals(tables["process"][0])
+    assert tables["slurm"][1].equals(tables["process"][1])
