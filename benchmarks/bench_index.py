@@ -11,7 +11,7 @@ float16 -> float32 cast) with the same memory budget, metric "ip" and a 10 ms qu
 
 autofaiss 2.18 pins numpy < 2, which the project cannot install, so it runs in its own environment
 (`.cache/autofaiss-venv`, built on first use with uv from the package registry) as a child process; so does
-our build, so each side's peak RSS is its own (os.wait4). Then both indexes are loaded here and measured
+our build, and each child prints its own peak RSS (VmHWM). Then both indexes are loaded here and measured
 with the same `--queries` held-out queries (fresh vectors from the same distribution): recall@10 against
 exact search, and single-query latency p50/p99 with one search per call (faiss threads as configured).
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -83,18 +82,23 @@ def write_lake(root: Path, x: np.ndarray, partitions: int) -> None:
         write_marker(lake.partition_dir("dedupe", part), {"rows": n})
 
 
-def run_child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MiB, stdout) of a child process."""
+HWM = """
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        print("PEAK_RSS_KB", line.split()[1])
+"""
+
+
+def run_child(cmd: list[str]) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MiB, stdout) of a child process. The peak is the child's own VmHWM, printed by
+    the child at its end: a forked child's rusage maxrss also counts the parent's pages from before exec."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed ({proc.returncode}):\n{out[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024, out
+    if run.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} failed ({run.returncode}):\n{run.stdout[-3000:]}")
+    peak_kb = int(run.stdout.split("PEAK_RSS_KB ", 1)[1].split()[0])
+    return seconds, peak_kb / 1024, run.stdout
 
 
 OURS = """
@@ -104,7 +108,7 @@ from curation.index import IndexConfig, build_index
 r = build_index({lake!r}, IndexConfig(memory_budget_bytes={budget}, eval_queries=500))
 print("RESULT " + json.dumps({{"factory": r.factory, "nprobe": r.nprobe, "recall_self": r.recall_at_k,
                                "index_bytes": r.index_bytes}}))
-"""
+""" + HWM
 
 AUTOFAISS = """
 import json
@@ -113,7 +117,7 @@ _, infos = build_index(embeddings={emb!r}, index_path={out!r}, index_infos_path=
                        max_index_memory_usage="{budget_g}G", current_memory_available="16G", metric_type="ip",
                        max_index_query_time_ms=10, min_nearest_neighbors_to_retrieve=10, verbose=40)
 print("RESULT " + json.dumps({{"index_key": json.load(open({infos!r})).get("index_key")}}))
-"""
+""" + HWM
 
 
 def ensure_autofaiss() -> Path:
@@ -165,7 +169,7 @@ def main() -> int:
         budget = int(args.budget_gb * 2**30)
         secs, rss, out = run_child([sys.executable, "-c", OURS.format(repo=str(REPO), lake=str(work / "lake"),
                                                                       budget=budget)])
-        info = json.loads(out.split("RESULT ", 1)[1])
+        info = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
         from curation.index import load_index
 
         ours = load_index(str(work / "lake"))
@@ -182,7 +186,7 @@ def main() -> int:
             out_path, infos = work / "af.index", work / "af-infos.json"
             secs, rss, out = run_child([str(python), "-c", AUTOFAISS.format(
                 emb=str(emb), out=str(out_path), infos=str(infos), budget_g=args.budget_gb)])
-            af_info = json.loads(out.split("RESULT ", 1)[1])
+            af_info = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
             af = faiss.read_index(str(out_path))
             params = json.loads(infos.read_text()).get("index_param")
             if params:

@@ -43,16 +43,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from curation import records as R
 from curation.io import atomic_path, filesystem
-from curation.layout import join
+from curation.layout import IMG_EMB_FILE, TEXT_EMB_FILE, UIDS_FILE, join
 from curation.phash import IMG_SIZE as THUMB
 from curation.phash import hash_thumbnails, thumbnail
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode formats, first found wins
-IMG_EMB_FILE = "img_emb.npy"
-TEXT_EMB_FILE = "text_emb.npy"
-UIDS_FILE = "uids.npy"
 
 CLIP_SCHEMA = pa.schema([
     (R.UID, pa.int64()),

@@ -56,7 +56,7 @@ from scipy.sparse.csgraph import connected_components
 from curation import io
 from curation import records as R
 from curation.hamming import BITS, HammingIndex
-from curation.layout import Lake, Partition, join
+from curation.layout import IMG_EMB_FILE, UIDS_FILE, Lake, Partition, join
 from curation.phash import PHASH, to_hex
 
 # Dedupe reasons, strongest first; `reason` is null for survivors.
@@ -83,8 +83,6 @@ DEDUPE_SCHEMA = pa.schema([
 
 # Upstream files. The embedding file names are curation.clip's, not imported from there: that module loads torch.
 INPUT_STAGES = ("pairs", "downloads", "clip")
-IMG_EMB_FILE = "img_emb.npy"
-UIDS_FILE = "uids.npy"
 
 # State layout under <root>/dedupe/.
 STATE_DIR = "_state"

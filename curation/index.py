@@ -36,9 +36,8 @@ import pyarrow.parquet as pq
 
 from curation import io
 from curation import records as R
-from curation.clip import IMG_EMB_FILE, TEXT_EMB_FILE, UIDS_FILE
 from curation.dedupe import SURVIVOR
-from curation.layout import Lake, Partition, join
+from curation.layout import IMG_EMB_FILE, TEXT_EMB_FILE, UIDS_FILE, Lake, Partition, join
 
 MODALITIES = ("image", "text")
 EMBEDDING_FILES = {"image": IMG_EMB_FILE, "text": TEXT_EMB_FILE}

@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SUCCESS_MARKER = "_SUCCESS.json"
+# Files of a partition's `embeddings_dir`: L2-normalised float16 [n, d] arrays and the aligned int64 uids.
+IMG_EMB_FILE = "img_emb.npy"
+TEXT_EMB_FILE = "text_emb.npy"
+UIDS_FILE = "uids.npy"
 
 # Stage name -> table file inside a partition folder. `curation sql` builds one view per entry.
 STAGE_TABLES: dict[str, str] = {

@@ -28,9 +28,6 @@ from curation import records as R
 from curation.clip import (
     DEFAULT_PROMPT_SETS,
     DEFAULT_UNSAFE_SETS,
-    IMG_EMB_FILE,
-    TEXT_EMB_FILE,
-    UIDS_FILE,
     ClipPassConfig,
     ClipPassResult,
     load_clip,
@@ -39,7 +36,7 @@ from curation.clip import (
 )
 from curation.heads import KINDS, Head, load_head
 from curation.io import file_sha256, filesystem, read_npy, remove, write_marker, write_parquet
-from curation.layout import Lake, Partition, join
+from curation.layout import IMG_EMB_FILE, TEXT_EMB_FILE, UIDS_FILE, Lake, Partition, join
 from curation.toyclip import model_defaults, register_model_configs
 
 NSFW_TAG = "nsfw_tag"
