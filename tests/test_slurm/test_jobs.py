@@ -3,6 +3,8 @@ failing payload, a walltime overrun, a cancelled run and a retried step that rea
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -119,7 +121,7 @@ def test_retried_step_reattaches_to_its_running_job(slurm_cluster: object, tmp_p
     log = tmp_path / "supervisor.log"
     with log.open("w") as out:
         supervisor = subprocess.Popen([sys.executable, "-m", "tests.test_slurm.probe", str(home), "30"], cwd=ROOT,
-                                      stdout=out, stderr=subprocess.STDOUT)
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         instance = dg.DagsterInstance.local_temp(tempdir=str(home))
         try:
@@ -127,11 +129,13 @@ def test_retried_step_reattaches_to_its_running_job(slurm_cluster: object, tmp_p
         except AssertionError as e:
             raise AssertionError(f"{e}; the supervisor's output ends:\n{log.read_text()[-3000:]}") from None
         time.sleep(2)
-        supervisor.kill()  # no signal handler, no scancel: the job outlives its supervisor
+        # SIGKILL to the supervisor's whole group (its ssh log tails too): no handler, no scancel, so the job
+        # outlives its supervisor, and nothing of the supervisor outlives the test.
+        os.killpg(supervisor.pid, signal.SIGKILL)
         supervisor.wait(timeout=30)
     finally:
         if supervisor.poll() is None:
-            supervisor.kill()
+            os.killpg(supervisor.pid, signal.SIGKILL)
     assert live_state(job_id) in ("PENDING", "RUNNING")  # orphaned, not cancelled
     instance.report_run_failed(run)  # what run monitoring records for a run whose process died
 
