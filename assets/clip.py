@@ -6,6 +6,7 @@ import dagster as dg
 from dagster_slurm import ComputeResource
 
 from assets.downloads import downloads
+from assets.metadata import dispatched_result
 from assets.partitions import crawl_segment_partitions, partition_of
 from resources.clip_model import ClipModelResource
 from resources.storage import LakeResource
@@ -53,9 +54,4 @@ def clip(
         extra_slurm_opts=extra_slurm_opts,
         poll_timeout=clip_model.walltime_s + 300,
     )
-    results = invocation.get_results()
-    materializations = [r for r in results if isinstance(r, dg.MaterializeResult)]
-    if len(materializations) != 1:
-        raise dg.Failure(f"the clip payload reported {len(materializations)} materializations, expected 1")
-    checks = [r for r in results if isinstance(r, dg.AssetCheckResult)]
-    return dg.MaterializeResult(metadata=materializations[0].metadata, check_results=checks)
+    return dispatched_result(invocation, "clip")

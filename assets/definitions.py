@@ -7,7 +7,7 @@ import dagster as dg
 from assets.clip import clip
 from assets.dedupe import dedupe
 from assets.downloads import build_downloads
-from assets.index import index
+from assets.index import build_index_asset
 from assets.pairs import build_pairs
 from assets.sensors import build_crawl_sensor, crawl_sensor_default_running
 from assets.subsets import build_subset_assets, build_subset_schedule
@@ -24,7 +24,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     subsets = build_subset_assets(load_registry(settings.subsets_registry))
     on_compute = settings.cpu_stages == "compute"
     return dg.Definitions(
-        assets=[build_pairs(on_compute), build_downloads(on_compute), clip, dedupe, index, *subsets],
+        assets=[build_pairs(on_compute), build_downloads(on_compute), clip, dedupe,
+                build_index_asset(settings.index_gpus or 0), *subsets],
         schedules=[build_subset_schedule(settings.subset_cron)],
         sensors=[
             build_crawl_sensor(crawl_sensor_default_running(settings.crawl_root)),
@@ -39,7 +40,7 @@ def build_definitions(settings: Settings) -> dg.Definitions:
             "compute": build_compute(settings),
             "downloader": DownloaderResource(allow_loopback=settings.allow_loopback),
             "clip_model": ClipModelResource(spec_path=settings.clip_spec, device=settings.clip_device,
-                                            gpus=settings.clip_gpus),
+                                            gpus=settings.clip_gpus or 0),
         },
     )
 

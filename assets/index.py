@@ -7,6 +7,7 @@ from dagster_slurm import ComputeResource
 from pydantic import Field
 
 from assets.dedupe import dedupe
+from assets.metadata import dispatched_result
 from curation.index import IndexConfig
 from resources.storage import LakeResource
 
@@ -24,48 +25,53 @@ class IndexRunConfig(dg.Config):
     target_recall: float = Field(default=DEFAULTS.target_recall, description="recall@k nprobe is tuned to reach")
     max_query_ms: float = Field(default=DEFAULTS.max_query_ms, description="p99 single-query latency budget")
     force_rebuild: bool = Field(default=False, description="retrain from scratch even when an update would do")
-    gpus: int = Field(default=0, description="GPUs to request (k-means on GPU when faiss-gpu is installed)")
+    gpus: int | None = Field(default=None, description="GPUs to request (k-means on GPU when faiss-gpu is "
+                             "installed); default: CURATION_INDEX_GPUS, 1 under the slurm deployment")
 
 
-@dg.asset(
-    deps=[dedupe],
-    kinds={"faiss", "slurm"},
-    group_name="index",
-    automation_condition=dg.AutomationCondition.eager() & ~dg.AutomationCondition.in_progress(),
-    check_specs=[
-        dg.AssetCheckSpec(
-            "index_matches_survivors",
-            asset="index",
-            blocking=True,
-            description="The index holds exactly one vector per dedupe survivor of every partition it covers, "
-            "covers every deduplicated partition, and its id table agrees with it.",
-        ),
-    ],
-)
-def index(context: dg.AssetExecutionContext, config: IndexRunConfig, lake: LakeResource,
-          compute: ComputeResource) -> dg.MaterializeResult:
-    """A faiss index over the kept, deduplicated image embeddings (ids are uids), its type chosen from the
-    vector count and a memory budget the way autofaiss does (exact Flat when small; IVF-Flat, or OPQ+IVF-PQ
-    when the raw vectors do not fit), trained on a sample and filled in batches from the memory-mapped npy
-    files. New partitions are added and changed ones replaced in place; it is rebuilt when its type no
-    longer fits. recall@10 against exact search and query latency are in the metadata; search it with
-    `curation index search LAKE --text ...`."""
-    settings = IndexConfig(modality=config.modality, memory_budget_bytes=int(config.memory_budget_gb * 2**30),
-                           flat_max_vectors=config.flat_max_vectors, target_recall=config.target_recall,
-                           max_query_ms=config.max_query_ms, use_gpu=config.gpus > 0)
-    invocation = compute.run(
-        context=context,
-        payload_path=PAYLOAD,
-        extras={"lake_root": lake.root, "config": {
-            "modality": settings.modality, "memory_budget_bytes": settings.memory_budget_bytes,
-            "flat_max_vectors": settings.flat_max_vectors, "target_recall": settings.target_recall,
-            "max_query_ms": settings.max_query_ms, "use_gpu": settings.use_gpu,
-        }, "force_rebuild": config.force_rebuild},
-        extra_slurm_opts={"gpus_per_node": config.gpus} if config.gpus else None,
+def build_index_asset(default_gpus: int = 0) -> dg.AssetsDefinition:
+    """The `index` asset; `default_gpus` is what a run requests when its config leaves `gpus` unset."""
+
+    @dg.asset(
+        deps=[dedupe],
+        kinds={"faiss", "slurm"},
+        group_name="index",
+        automation_condition=dg.AutomationCondition.eager() & ~dg.AutomationCondition.in_progress(),
+        check_specs=[
+            dg.AssetCheckSpec(
+                "index_matches_survivors",
+                asset="index",
+                blocking=True,
+                description="The index holds exactly one vector per dedupe survivor of every partition it covers, "
+                "covers every deduplicated partition, and its id table agrees with it.",
+            ),
+        ],
     )
-    results = invocation.get_results()
-    materializations = [r for r in results if isinstance(r, dg.MaterializeResult)]
-    if len(materializations) != 1:
-        raise dg.Failure(f"the index payload reported {len(materializations)} materializations, expected 1")
-    checks = [r for r in results if isinstance(r, dg.AssetCheckResult)]
-    return dg.MaterializeResult(metadata=materializations[0].metadata, check_results=checks)
+    def index(context: dg.AssetExecutionContext, config: IndexRunConfig, lake: LakeResource,
+              compute: ComputeResource) -> dg.MaterializeResult:
+        """A faiss index over the kept, deduplicated image embeddings (ids are uids), its type chosen from the
+        vector count and a memory budget the way autofaiss does (exact Flat when small; IVF-Flat, or OPQ+IVF-PQ
+        when the raw vectors do not fit), trained on a sample and filled in batches from the memory-mapped npy
+        files. New partitions are added and changed ones replaced in place; it is rebuilt when its type no
+        longer fits. recall@10 against exact search and query latency are in the metadata; search it with
+        `curation index search LAKE --text ...`."""
+        gpus = default_gpus if config.gpus is None else config.gpus
+        settings = IndexConfig(modality=config.modality, memory_budget_bytes=int(config.memory_budget_gb * 2**30),
+                               flat_max_vectors=config.flat_max_vectors, target_recall=config.target_recall,
+                               max_query_ms=config.max_query_ms, use_gpu=gpus > 0)
+        invocation = compute.run(
+            context=context,
+            payload_path=PAYLOAD,
+            extras={"lake_root": lake.root, "config": {
+                "modality": settings.modality, "memory_budget_bytes": settings.memory_budget_bytes,
+                "flat_max_vectors": settings.flat_max_vectors, "target_recall": settings.target_recall,
+                "max_query_ms": settings.max_query_ms, "use_gpu": settings.use_gpu,
+            }, "force_rebuild": config.force_rebuild},
+            extra_slurm_opts={"gpus_per_node": gpus} if gpus else None,
+        )
+        return dispatched_result(invocation, "index")
+
+    return index
+
+
+index = build_index_asset()

@@ -19,7 +19,7 @@ from rich.table import Table
 from assets.definitions import build_definitions
 from assets.partitions import crawl_partitions, crawl_segment_partitions, partition_key
 from curation import crawls as cc
-from resources.settings import Settings, clip_gpus_from_env
+from resources.settings import Settings, gpus_from_env
 
 DAGSTER_YAML = "telemetry:\n  enabled: false\n"
 # Keep the console for the progress display: step events go to the instance (and the UI), not stdout.
@@ -160,7 +160,8 @@ def _run_command(args: argparse.Namespace) -> int:
         allow_loopback=bool(args.allow_loopback),
         clip_spec=args.clip_spec,
         clip_device=args.clip_device,
-        clip_gpus=clip_gpus_from_env(),
+        clip_gpus=gpus_from_env("CURATION_CLIP_GPUS"),
+        index_gpus=gpus_from_env("CURATION_INDEX_GPUS"),
         cpu_stages=os.environ.get("CURATION_CPU_STAGES") or "process",
     )
     crawls = args.crawl or cc.discover_crawls(settings.crawl_root)

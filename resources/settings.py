@@ -94,7 +94,8 @@ class Settings:
     allow_loopback: bool = False
     clip_spec: str | None = None
     clip_device: str = "auto"
-    clip_gpus: int = 0
+    clip_gpus: int | None = None  # None: 1 under the slurm deployment (the GPU stages ask for a GPU), else 0
+    index_gpus: int | None = None  # the same default for the index build (k-means on the GPU with faiss-gpu)
     subsets_registry: str | None = None
     subset_cron: str = "0 4 * * *"
     cpu_stages: str = "process"  # "compute": pairs and downloads run as jobs on the compute resource too
@@ -106,8 +107,12 @@ class Settings:
         if self.cpu_stages not in CPU_STAGE_PLACES:
             raise ValueError(f"CURATION_CPU_STAGES must be one of {', '.join(CPU_STAGE_PLACES)}, "
                              f"got {self.cpu_stages!r}")
-        if self.clip_gpus < 0:
-            raise ValueError(f"CURATION_CLIP_GPUS must be >= 0, got {self.clip_gpus}")
+        for name in ("clip_gpus", "index_gpus"):
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, 1 if self.compute == "slurm" else 0)
+            elif value < 0:
+                raise ValueError(f"CURATION_{name.upper()} must be >= 0, got {value}")
         if self.compute == "slurm" and self.slurm is None:
             # Settings built field by field (`curation run`) take the cluster from the environment too.
             object.__setattr__(self, "slurm", SlurmSettings.from_env())
@@ -118,7 +123,8 @@ class Settings:
         see `SlurmSettings.from_env`), CURATION_CRAWLS (comma list),
         CURATION_ALLOW_LOOPBACK (1 to let the downloader reach 127.0.0.0/8, for the sample web),
         CURATION_CLIP_SPEC (models spec JSON for the clip asset), CURATION_CLIP_DEVICE (auto, cpu, cuda),
-        CURATION_CLIP_GPUS (GPUs each clip job requests from SLURM; 0), CURATION_SUBSETS (a YAML/JSON
+        CURATION_CLIP_GPUS / CURATION_INDEX_GPUS (GPUs each clip / index job requests; default 1 under slurm,
+        else 0), CURATION_SUBSETS (a YAML/JSON
         registry of extra subset definitions), CURATION_CPU_STAGES (process, or compute to run pairs and
         downloads as jobs on the compute resource too), CURATION_SUBSET_CRON (when the
         subset_refresh schedule re-exports the subsets; default daily at 04:00)."""
@@ -132,17 +138,20 @@ class Settings:
             allow_loopback=os.environ.get("CURATION_ALLOW_LOOPBACK", "") in ("1", "true", "yes"),
             clip_spec=os.environ.get("CURATION_CLIP_SPEC") or None,
             clip_device=os.environ.get("CURATION_CLIP_DEVICE", "auto"),
-            clip_gpus=clip_gpus_from_env(),
+            clip_gpus=gpus_from_env("CURATION_CLIP_GPUS"),
+            index_gpus=gpus_from_env("CURATION_INDEX_GPUS"),
             subsets_registry=os.environ.get("CURATION_SUBSETS") or None,
             subset_cron=os.environ.get("CURATION_SUBSET_CRON") or "0 4 * * *",
             cpu_stages=os.environ.get("CURATION_CPU_STAGES") or "process",
         )
 
 
-def clip_gpus_from_env() -> int:
-    """CURATION_CLIP_GPUS as an integer (0 when unset)."""
-    value = os.environ.get("CURATION_CLIP_GPUS", "").strip() or "0"
+def gpus_from_env(name: str) -> int | None:
+    """A GPU-count variable (CURATION_CLIP_GPUS, CURATION_INDEX_GPUS) as an integer; None when unset."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"CURATION_CLIP_GPUS must be an integer, got {value!r}") from None
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None

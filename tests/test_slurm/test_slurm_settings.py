@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from dagster_slurm.config.environment import ExecutionMode
 
+from assets.definitions import build_definitions
 from resources.compute import SlurmComputeResource, build_compute
 from resources.settings import Settings, SlurmSettings
 
@@ -79,3 +80,18 @@ def test_slurm_compute_is_wired_from_the_settings(slurm_env: dict[str, str],
         "login.example", 2200, "curator", slurm_env["KEY"], None)
     assert (ssh.host_key_checking, ssh.known_hosts_file, ssh.batch_mode) == ("strict", slurm_env["KNOWN_HOSTS"], True)
     assert (queue.partition, queue.time_limit, queue.account, queue.qos) == ("cpu", "02:00:00", "proj", "normal")
+
+
+def test_gpu_stages_request_a_gpu_under_slurm_by_default(slurm_env: dict[str, str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CURATION_COMPUTE", "slurm")
+    monkeypatch.delenv("CURATION_CLIP_GPUS", raising=False)
+    monkeypatch.delenv("CURATION_INDEX_GPUS", raising=False)
+    settings = Settings.from_env()
+    assert (settings.clip_gpus, settings.index_gpus) == (1, 1)
+    assert build_definitions(settings).resources["clip_model"].gpus == 1
+    monkeypatch.setenv("CURATION_CLIP_GPUS", "0")
+    assert Settings.from_env().clip_gpus == 0
+    monkeypatch.setenv("CURATION_COMPUTE", "local")
+    monkeypatch.delenv("CURATION_CLIP_GPUS")
+    assert (Settings.from_env().clip_gpus, Settings.from_env().index_gpus) == (0, 0)
