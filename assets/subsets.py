@@ -1,6 +1,7 @@
 """Subset assets: one per registered definition (`curation.subsets`), each materialization a versioned release."""
 
 from collections.abc import Sequence
+from typing import Any
 
 import dagster as dg
 import pyarrow as pa
@@ -35,11 +36,8 @@ def _gallery(lake_root: str, rows: pa.Table) -> str:
     return plots.markdown_image(gallery_png([tiles], title="first samples (aesthetic, original width)"), "samples")
 
 
-def _verify(lake_root: str, defn: SubsetDefinition) -> list[str]:
-    release = latest_release(lake_root, defn.name)
-    if release is None:
-        return ["no release written"]
-    table = read_release(lake_root, defn.name, release)
+def _verify(release: dict[str, Any], table: pa.Table) -> list[str]:
+    """Problems with the latest release as read back once by the asset (its parts' rows against release.json)."""
     problems = []
     if table.num_rows != release["rows"]:
         problems.append(f"parts hold {table.num_rows} rows, release.json says {release['rows']}")
@@ -94,7 +92,7 @@ def build_subset_asset(defn: SubsetDefinition) -> dg.AssetsDefinition:
             charts.append(plots.histogram_png(table.column("similarity").to_numpy(zero_copy_only=False),
                                               title="CLIP similarity in the release"))
         drifted = {k: v for k, v in result.drift.items() if v > defn.drift_max_ks}
-        problems = _verify(lake.root, defn)
+        problems = _verify(release, table)
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": result.rows,
