@@ -110,16 +110,11 @@ def default_model_cache() -> Path:
 
 
 def _train_toy_clip(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from curation.sample_models import ensure_sample_models
     from curation.toyclip import ToyClipTrainConfig
 
-    config = ToyClipTrainConfig()
-    if args.epochs is not None:
-        config = replace(config, epochs=args.epochs)
-    if args.seed is not None:
-        config = replace(config, seed=args.seed)
+    flags = ("epochs", "seed", "corpus_pairs", "batch_size", "lr")
+    config = ToyClipTrainConfig(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
     spec = ensure_sample_models(args.sample_web, str(args.cache), config)
     if args.spec_out:
         from curation.io import write_json
@@ -263,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint cache, keyed by content (default ~/.cache/curation/models)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--corpus-pairs", type=int, default=None,
+                   help="fresh generated pairs added to the web's train split (0: the web alone)")
+    p.add_argument("--batch-size", type=int, default=None, help="contrastive batch size")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (cosine schedule)")
     p.add_argument("--spec-out", default=None, help="also write the models spec JSON here")
     p.set_defaults(func=_train_toy_clip)
 

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urljoin
@@ -583,6 +584,104 @@ def mojibake(text: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Training corpus
+
+
+# First seed word of training corpora: sample webs seed their generator with one integer, corpora with
+# [CORPUS_STREAM, seed], so the two never share a random stream.
+CORPUS_STREAM = 0x5EED_C0DE
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One matched (image, caption) pair of a training corpus, with the image's truth labels.
+
+    image: the served image decoded to RGB and shrunk (BICUBIC) so its shortest side is the requested size,
+        as a uint8 array [h, w, 3].
+    """
+
+    image: np.ndarray
+    caption: str
+    language: str
+    concept: str
+    watermark: bool
+    aesthetic: float
+
+
+def recorded_config(root: str | Path) -> SampleWebConfig:
+    """The generator config recorded in a sample web's manifest (defaults when it has none)."""
+    manifest = Path(root) / "manifest.json"
+    if not manifest.is_file():
+        return SampleWebConfig()
+    recorded = json.loads(manifest.read_text()).get("config", {})
+    fields = SampleWebConfig.__dataclass_fields__
+    known = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in fields}
+    return SampleWebConfig(**known)
+
+
+def _language(rng: np.random.Generator, cfg: SampleWebConfig) -> str:
+    if rng.random() < cfg.non_english_rate:
+        return ("de", "fr", "es")[int(rng.integers(3))]
+    return "en"
+
+
+def shrink(img: Image.Image, shortest_side: int) -> Image.Image:
+    """`img` in RGB with its shortest side scaled down to `shortest_side` (BICUBIC; never enlarges)."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = shortest_side / min(w, h)
+    if scale < 1.0:
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+    return img
+
+
+def _render_training(job: tuple[ImageSpec, int]) -> np.ndarray:
+    spec, shortest_side = job
+    img = draw_image(spec)
+    with Image.open(io.BytesIO(_encode(img, spec.fmt, spec.quality))) as served:  # the served codec's artefacts
+        return np.asarray(shrink(served, shortest_side))
+
+
+def training_corpus(
+    n_images: int, *, seed: int, shortest_side: int, cfg: SampleWebConfig | None = None, workers: int = 2
+) -> list[TrainingExample]:
+    """`n_images` fresh sample-web images with matching captions, drawn as `generate_sample_web` draws them.
+
+    The same planner picks every image's concept, background, count, grain, watermark, size and format and
+    its caption (language mix included, never a mismatch), so the corpus has the sample web's distribution
+    without its pages, duplicates or HTTP cases. A model trained on it has seen none of a sample web's
+    images as long as `seed` differs from that web's seed. Pure function of the arguments.
+    """
+    if n_images < 0:
+        raise ValueError(f"n_images must be >= 0, got {n_images}")
+    if shortest_side < 1:
+        raise ValueError(f"shortest_side must be >= 1, got {shortest_side}")
+    cfg = replace(cfg or SampleWebConfig(), seed=seed, mismatch_rate=0.0)
+    plan = _Planner(Path("."), cfg)  # specs and captions only: nothing is written
+    # A two-word seed: no sample web (seeded by one integer) draws from this stream.
+    plan.rng = np.random.default_rng([CORPUS_STREAM, seed])
+    specs: list[ImageSpec] = []
+    labels: list[tuple[str, str]] = []
+    for _ in range(n_images):
+        spec = plan.new_spec()
+        lang = _language(plan.rng, cfg)
+        caption, _matches = plan.caption_for(spec, lang)
+        specs.append(spec)
+        labels.append((" ".join(caption.split()), lang))
+    jobs = [(s, shortest_side) for s in specs]
+    if workers <= 1 or n_images < 64:
+        images = [_render_training(j) for j in jobs]
+    else:
+        # Spawned, not forked: callers (toy CLIP training) hold torch's thread pools.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            images = list(pool.map(_render_training, jobs, chunksize=64))
+    return [
+        TrainingExample(img, caption, lang, spec.concept, spec.watermark, plan.aesthetic(spec))
+        for img, spec, (caption, lang) in zip(images, specs, labels, strict=True)
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
 # WAT writing
 
 
@@ -1080,9 +1179,7 @@ def _image_links(plan: _Planner, page_url: str, base: str | None, site: int, sec
                 kind, 0.0
             )
             members.append((plan.new_spec(transform=(kind, param), base=spec), kind))
-    lang = "en"
-    if rng.random() < cfg.non_english_rate:
-        lang = ("de", "fr", "es")[int(rng.integers(3))]
+    lang = _language(rng, cfg)
     out: list[Link] = []
     original_url: str | None = None
     for member, kind in members:

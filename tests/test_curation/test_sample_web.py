@@ -18,7 +18,14 @@ import pytest
 from PIL import Image
 from warcio.archiveiterator import ArchiveIterator
 
-from curation.sample_web import HTTP_BEHAVIOURS, TRUTH_COLUMNS, SampleWebConfig, generate_sample_web
+from curation.sample_web import (
+    HTTP_BEHAVIOURS,
+    TRUTH_COLUMNS,
+    SampleWebConfig,
+    generate_sample_web,
+    shrink,
+    training_corpus,
+)
 from tests.conftest import SMALL, SampleWeb
 
 HEADER_VALUE = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]}
@@ -246,3 +253,31 @@ def test_config_is_validated() -> None:
 def test_hosts_are_loopback_only(sample_web: SampleWeb) -> None:
     hosts = {urlsplit(r["url"]).hostname for r in sample_web.truth() if r["extract"]}
     assert hosts <= {"127.0.0.1", "127.0.0.2"}
+
+
+def test_training_corpus_is_deterministic_matched_and_disjoint_from_the_web(sample_web: SampleWeb) -> None:
+    """A corpus is a pure function of its seed, has the web's concept and language mix with captions that
+    name each image's concept, and shares no image with a sample web of the same integer seed."""
+    corpus = training_corpus(96, seed=sample_web.config.seed, shortest_side=40, cfg=sample_web.config, workers=2)
+    again = training_corpus(96, seed=sample_web.config.seed, shortest_side=40, cfg=sample_web.config, workers=1)
+    assert [(e.caption, e.image.tobytes()) for e in corpus] == [(e.caption, e.image.tobytes()) for e in again]
+    other = training_corpus(8, seed=sample_web.config.seed + 1, shortest_side=40, cfg=sample_web.config)
+    assert [e.caption for e in other] != [e.caption for e in corpus[:8]]
+    assert all(e.image.dtype == np.uint8 and e.image.ndim == 3 and min(e.image.shape[:2]) == 40 for e in corpus)
+    for e in corpus:
+        if e.concept == "hazard":
+            continue
+        colour, shape = e.concept.split()
+        if e.language == "en":  # English captions spell the concept (translations are checked by the filter)
+            assert colour in e.caption and shape[:4] in e.caption, (e.concept, e.caption)
+    assert {e.language for e in corpus} >= {"en"} and len({e.concept for e in corpus}) > 20
+    assert 0 < sum(e.watermark for e in corpus) < len(corpus)
+    # No corpus image is one of the web's images (compared at the same size).
+    web_thumbs = set()
+    for row in sample_web.truth():
+        if row["file"] is not None and row["http_behavior"] == "ok" and row["dup_kind"] in (None, "original"):
+            with Image.open(sample_web.root / row["file"]) as im:
+                web_thumbs.add(np.asarray(shrink(im, 40)).tobytes())
+    assert not web_thumbs & {e.image.tobytes() for e in corpus}
+    with pytest.raises(ValueError, match="shortest_side"):
+        training_corpus(1, seed=0, shortest_side=0)
