@@ -615,7 +615,7 @@ def recorded_config(root: str | Path) -> SampleWebConfig:
         return SampleWebConfig()
     recorded = json.loads(manifest.read_text()).get("config", {})
     fields = SampleWebConfig.__dataclass_fields__
-    known = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in fields}
+    known: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in fields}
     return SampleWebConfig(**known)
 
 
