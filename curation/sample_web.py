@@ -649,8 +649,9 @@ def training_corpus(
 
     The same planner picks every image's concept, background, count, grain, watermark, size and format and
     its caption (language mix included, never a mismatch), so the corpus has the sample web's distribution
-    without its pages, duplicates or HTTP cases. A model trained on it has seen none of a sample web's
-    images as long as `seed` differs from that web's seed. Pure function of the arguments.
+    without its pages, duplicates or HTTP cases. Its random stream is `[CORPUS_STREAM, seed]`, which no
+    sample web shares, so a model trained on it has seen none of their images. Pure function of the
+    arguments (the worker count included: rendering is per image).
     """
     if n_images < 0:
         raise ValueError(f"n_images must be >= 0, got {n_images}")
@@ -658,7 +659,6 @@ def training_corpus(
         raise ValueError(f"shortest_side must be >= 1, got {shortest_side}")
     cfg = replace(cfg or SampleWebConfig(), seed=seed, mismatch_rate=0.0)
     plan = _Planner(Path("."), cfg)  # specs and captions only: nothing is written
-    # A two-word seed: no sample web (seeded by one integer) draws from this stream.
     plan.rng = np.random.default_rng([CORPUS_STREAM, seed])
     specs: list[ImageSpec] = []
     labels: list[tuple[str, str]] = []
