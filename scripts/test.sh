@@ -15,4 +15,10 @@ if [ $full_suite = 1 ] && [ -z "${CURATION_SLURM_UNAVAILABLE:-}" ]; then
     echo "test.sh: $CURATION_SLURM_UNAVAILABLE; the SLURM tests will be skipped" >&2
   fi
 fi
+# Train the sample web's models before pytest (once per machine: ~21 min on 2 cores, then cached), so no
+# test's timeout has to cover it. The tests' default web has the same content on another port, hence the
+# same cache entry. A subshell: the demo's settings (DAGSTER_HOME, CURATION_CLIP_SPEC) stay out of the tests.
+if [ $full_suite = 1 ]; then
+  (source scripts/common.sh && ensure_sample && ensure_sample_models)
+fi
 exec .venv/bin/python -m pytest "$@"
