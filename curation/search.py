@@ -11,7 +11,7 @@ import numpy as np
 from curation.clip import embed_texts, load_clip
 from curation.index import LoadedIndex, load_index
 from curation.scoring import ScoringConfig, checkpoint_identity
-from curation.sql import connect
+from curation.sql import KEPT_VIEW, connect_kept
 from curation.toyclip import register_model_configs
 
 # Columns returned with every hit, beyond uid and score.
@@ -47,19 +47,9 @@ def describe(lake_root: str, uids: Sequence[int]) -> dict[int, dict[str, Any]]:
     """The lake's fields (HIT_COLUMNS) for some uids, via DuckDB with the uids bound as a parameter."""
     if not uids:
         return {}
-    con, views = connect(lake_root)
-    missing = {"pairs", "downloads", "clip"} - set(views)
-    if missing:
-        raise FileNotFoundError(f"the lake at {lake_root} has no {sorted(missing)} tables to describe hits with")
+    con, _ = connect_kept(lake_root)
     rows = con.execute(
-        """
-        SELECT p.uid, p.url, p.text, p.crawl, p.segment, c.similarity, c.aesthetic, c.punsafe, c.pwatermark,
-               c.nsfw_tag, d.original_width, d.original_height
-        FROM pairs p
-        JOIN clip c USING (uid, crawl, segment)
-        LEFT JOIN downloads d USING (uid, crawl, segment)
-        WHERE p.uid IN (SELECT UNNEST($uids)) AND c.keep
-        """,
+        f"SELECT uid, {', '.join(HIT_COLUMNS)} FROM {KEPT_VIEW} WHERE uid IN (SELECT UNNEST($uids))",
         {"uids": [int(u) for u in uids]},
     ).fetchall()
     out: dict[int, dict[str, Any]] = {}

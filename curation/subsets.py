@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 from curation import io
 from curation.layout import Lake, Partition, join
-from curation.sql import connect
+from curation.sql import KEPT_VIEW, connect_kept
 
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 PARAM = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
@@ -47,18 +47,7 @@ RELEASE_FILE = "release.json"
 EXPORT_COLUMNS = ("url", "caption", "uid", "language", "original_width", "original_height", "similarity",
                   "punsafe", "pwatermark", "aesthetic", "nsfw_tag", "sha256", "crawl", "segment", "source_shard",
                   "source_key")
-CANDIDATE_SQL = """
-    SELECT p.uid, p.url, p.text AS caption, p.language, p.crawl, p.segment,
-           d.original_width, d.original_height, d.width, d.height, d.sha256, d.shard AS source_shard,
-           d.key AS source_key,
-           c.similarity, c.punsafe, c.pwatermark, c.aesthetic, c.nsfw_tag, c.clip_model,
-           {dedupe_columns}
-    FROM pairs p
-    JOIN clip c USING (uid, crawl, segment)
-    JOIN downloads d USING (uid, crawl, segment)
-    {dedupe_join}
-    WHERE c.keep
-"""
+CANDIDATE_SQL = f"SELECT k.*, {{dedupe_columns}} FROM {KEPT_VIEW} k {{dedupe_join}}"
 WITH_DEDUPE = ("coalesce(x.survivor, false) AS survivor, x.cluster_id, x.reason AS dedupe_reason",
                "LEFT JOIN dedupe x USING (uid, crawl, segment)")
 WITHOUT_DEDUPE = ("false AS survivor, NULL::BIGINT AS cluster_id, 'not deduplicated' AS dedupe_reason", "")
@@ -192,14 +181,11 @@ def load_registry(path: str | None) -> list[SubsetDefinition]:
 
 def sandboxed_candidates(lake_root: str) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB holding `candidates` as a table, with external access off and configuration locked."""
-    con, views = connect(lake_root)
-    missing = {"pairs", "downloads", "clip"} - set(views)
-    if missing:
-        raise FileNotFoundError(f"no {sorted(missing)} tables under {lake_root}: materialize them first")
+    con, views = connect_kept(lake_root)
     cols, joins = WITH_DEDUPE if "dedupe" in views else WITHOUT_DEDUPE
     con.execute("CREATE TABLE candidates AS " + CANDIDATE_SQL.format(dedupe_columns=cols, dedupe_join=joins))
     for view in views:
-        con.execute(f'DROP VIEW "{view}"')  # view names are the lake's fixed stage names
+        con.execute(f'DROP VIEW "{view}"')  # fixed names: the stages' and `kept`
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
