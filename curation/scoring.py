@@ -190,6 +190,8 @@ def score_partition(lake_root: str, part: Partition, config: ScoringConfig) -> S
     heads = _load_heads(config, model.embed_dim)
     result = run_clip_pass(lake.shards_dir(part), pairs, downloads, lake.embeddings_dir(part), config.clip, clip=model)
 
+    # Tags and heads score the embeddings as stored (float16, read back), not the pass's float32 arrays: the
+    # lake's scores are then exactly what anyone recomputes from its files, and the read checks alignment.
     img_emb = read_npy(join(lake.embeddings_dir(part), IMG_EMB_FILE)).astype(np.float32)
     npy_uids = read_npy(join(lake.embeddings_dir(part), UIDS_FILE))
     row_of = {int(u): i for i, u in enumerate(npy_uids.tolist())}
