@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 from dagster_slurm import ComputeResource
 
+from assets.conventions import EAGER, blocking_check
 from assets.downloads import downloads
 from assets.metadata import dispatched_result
 from assets.partitions import crawl_segment_partitions, partition_of
@@ -20,13 +21,12 @@ PAYLOAD = str(Path(__file__).parent / "payloads" / "clip_scores.py")
     deps=[downloads],
     kinds={"pytorch", "slurm"},
     group_name="clip",
-    automation_condition=dg.AutomationCondition.eager() & ~dg.AutomationCondition.in_progress(),
+    automation_condition=EAGER,
     check_specs=[
-        dg.AssetCheckSpec(
+        blocking_check(
+            "clip",
             "embeddings_aligned",
-            asset="clip",
-            blocking=True,
-            description="uids.npy, img_emb.npy and text_emb.npy hold one L2-normalised row per ok row of the "
+            "uids.npy, img_emb.npy and text_emb.npy hold one L2-normalised row per ok row of the "
             "table, in order, and exactly the ok rows carry similarity, tag and head scores.",
         ),
     ],

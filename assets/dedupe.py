@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.clip import clip
+from assets.conventions import EAGER, blocking_check
 from assets.metadata import counts_table
 from curation import plots
 from curation.dedupe import DedupeConfig, dedupe_lake, verify_dedupe
@@ -26,26 +27,23 @@ class DedupeRunConfig(dg.Config):
     deps=[clip],
     kinds={"python", "duckdb"},
     group_name="dedupe",
-    automation_condition=dg.AutomationCondition.eager() & ~dg.AutomationCondition.in_progress(),
+    automation_condition=EAGER,
     check_specs=[
-        dg.AssetCheckSpec(
+        blocking_check(
+            "dedupe",
             "one_survivor_per_cluster",
-            asset="dedupe",
-            blocking=True,
-            description="Every cluster has exactly one survivor, its cluster_id is the survivor's uid, and only "
+            "Every cluster has exactly one survivor, its cluster_id is the survivor's uid, and only "
             "non-survivors carry a reason.",
         ),
-        dg.AssetCheckSpec(
+        blocking_check(
+            "dedupe",
             "rows_match_kept_clip",
-            asset="dedupe",
-            blocking=True,
-            description="Each deduped partition has one dedupe row per clip row kept by the similarity filter.",
+            "Each deduped partition has one dedupe row per clip row kept by the similarity filter.",
         ),
-        dg.AssetCheckSpec(
+        blocking_check(
+            "dedupe",
             "partition_counts_agree",
-            asset="dedupe",
-            blocking=True,
-            description="Per partition, row counts agree along the lineage: downloads and clip hold one row per "
+            "Per partition, row counts agree along the lineage: downloads and clip hold one row per "
             "pair, dedupe one row per kept clip row.",
         ),
     ],

@@ -6,6 +6,7 @@ from typing import Any
 import dagster as dg
 from dagster_slurm import ComputeResource
 
+from assets.conventions import EAGER, blocking_check
 from assets.metadata import dispatched_result, stage_result
 from assets.partitions import crawl_segment_partitions, partition_of
 from curation.stages import SUCCESS_RATE_BAND, materialize_downloads
@@ -18,16 +19,15 @@ SPEC: dict[str, Any] = {
     "partitions_def": crawl_segment_partitions,
     "deps": [dg.AssetKey("pairs")],
     "group_name": "ingest",
-    "automation_condition": dg.AutomationCondition.eager() & ~dg.AutomationCondition.in_progress(),
+    "automation_condition": EAGER,
     "description": "The segment's images downloaded with img2dataset into webdataset shards (256 px, keep_ratio "
     "by default) behind an SSRF guard, with LAION's size and pixel limits and X-Robots-Tag opt-outs, plus a "
     "per-pair table: status, reason, HTTP status, final URL, original and resized sizes, sha256, shard, key.",
     "check_specs": [
         dg.AssetCheckSpec("success_rate_in_band", asset="downloads",
                           description=f"Download success rate within {SUCCESS_RATE_BAND} (WARN otherwise)."),
-        dg.AssetCheckSpec("shards_match_table", asset="downloads", blocking=True,
-                          description="Every success row is in its shard's tar with jpg/txt/json, and the tars "
-                          "hold nothing else."),
+        blocking_check("downloads", "shards_match_table", "Every success row is in its shard's tar with "
+                       "jpg/txt/json, and the tars hold nothing else."),
     ],
 }
 

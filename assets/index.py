@@ -6,6 +6,7 @@ import dagster as dg
 from dagster_slurm import ComputeResource
 from pydantic import Field
 
+from assets.conventions import EAGER, blocking_check
 from assets.dedupe import dedupe
 from assets.metadata import dispatched_result
 from curation.index import IndexConfig
@@ -36,13 +37,12 @@ def build_index_asset(default_gpus: int = 0) -> dg.AssetsDefinition:
         deps=[dedupe],
         kinds={"faiss", "slurm"},
         group_name="index",
-        automation_condition=dg.AutomationCondition.eager() & ~dg.AutomationCondition.in_progress(),
+        automation_condition=EAGER,
         check_specs=[
-            dg.AssetCheckSpec(
+            blocking_check(
+                "index",
                 "index_matches_survivors",
-                asset="index",
-                blocking=True,
-                description="The index holds exactly one vector per dedupe survivor of every partition it covers, "
+                "The index holds exactly one vector per dedupe survivor of every partition it covers, "
                 "covers every deduplicated partition, and its id table agrees with it.",
             ),
         ],

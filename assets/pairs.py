@@ -6,6 +6,7 @@ from typing import Any
 import dagster as dg
 from dagster_slurm import ComputeResource
 
+from assets.conventions import blocking_check
 from assets.metadata import dispatched_result, stage_result
 from assets.partitions import crawl_segment_partitions, partition_of
 from curation.stages import materialize_pairs
@@ -20,8 +21,7 @@ SPEC: dict[str, Any] = {
     "relative URLs resolved (LAION dropped them), language-tagged, deduplicated by (url, text) within the "
     "partition and against partitions already materialized. One row per pair with its provenance.",
     "check_specs": [
-        dg.AssetCheckSpec("uids_unique", asset="pairs", blocking=True,
-                          description="Every (url, text) pair appears once in the partition."),
+        blocking_check("pairs", "uids_unique", "Every (url, text) pair appears once in the partition."),
     ],
 }
 

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from assets.conventions import blocking_check
 from assets.dedupe import dedupe
 from assets.metadata import counts_table
 from curation import plots
@@ -65,9 +66,8 @@ def build_subset_asset(defn: SubsetDefinition) -> dg.AssetsDefinition:
         + (" and webdataset shards copied from the downloads" if defn.webdataset else "")
         + "; each change is a new release with a diff against the previous one.",
         check_specs=[
-            dg.AssetCheckSpec("release_consistent", asset=key, blocking=True,
-                              description="The latest release's parts hold release.json's row count, with "
-                              "unique uids and a url on every row."),
+            blocking_check(key, "release_consistent", "The latest release's parts hold release.json's row "
+                           "count, with unique uids and a url on every row."),
             dg.AssetCheckSpec("score_drift", asset=key,
                               description=f"Warns when a score distribution (aesthetic, similarity, punsafe, "
                               f"pwatermark) moved by a KS statistic above {defn.drift_max_ks} since the "
