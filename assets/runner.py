@@ -7,7 +7,7 @@ in a persistent DAGSTER_HOME appear in `make ui`. Registered as the `run` subcom
 
 import argparse
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from rich.table import Table
 from assets.definitions import build_definitions
 from assets.partitions import crawl_partitions, crawl_segment_partitions, partition_key
 from curation import crawls as cc
-from resources.settings import Settings, gpus_from_env
+from resources.settings import Settings
 
 DAGSTER_YAML = "telemetry:\n  enabled: false\n"
 # Keep the console for the progress display: step events go to the instance (and the UI), not stdout.
@@ -151,19 +151,21 @@ def add_run_command(sub: Any) -> None:
     p.set_defaults(func=_run_command)
 
 
-def _run_command(args: argparse.Namespace) -> int:
-    console = Console()
-    settings = Settings(
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The environment's settings (compute, GPUs, subsets registry, cron, …) with the command line's on top."""
+    return replace(
+        Settings.from_env(),
         lake_root=str(args.lake),
         crawl_root=str(args.crawl_root),
-        compute=os.environ.get("CURATION_COMPUTE", "local"),
         allow_loopback=bool(args.allow_loopback),
         clip_spec=args.clip_spec,
         clip_device=args.clip_device,
-        clip_gpus=gpus_from_env("CURATION_CLIP_GPUS"),
-        index_gpus=gpus_from_env("CURATION_INDEX_GPUS"),
-        cpu_stages=os.environ.get("CURATION_CPU_STAGES") or "process",
     )
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    console = Console()
+    settings = settings_from_args(args)
     crawls = args.crawl or cc.discover_crawls(settings.crawl_root)
     if not crawls:
         console.print(f"[red]no crawl listing found under {settings.crawl_root}/crawl-data/; pass --crawl ID[/red]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from rich.console import Console
 
 from assets.definitions import build_definitions, defs
 from assets.partitions import SEGMENTS_PER_CRAWL, crawl_segment_partitions
-from assets.runner import open_instance, run_crawls
+from assets.runner import add_run_command, open_instance, run_crawls, settings_from_args
 from assets.sensors import build_crawl_sensor
 from curation.cli import main as cli_main
 from curation.sample_server import SampleWebServer
@@ -122,6 +123,27 @@ def test_build_definitions_uses_the_given_settings(tmp_path: Path) -> None:
     assert lake.root == str(tmp_path) and lake.crawl_root == "s3://commoncrawl"
     # Remote crawl roots keep the sensor off by default (egress), local mirrors turn it on.
     assert d.resolve_sensor_def("crawl_sensor").default_status == dg.DefaultSensorStatus.STOPPED
+
+
+def test_run_command_keeps_the_environment_settings_the_flags_do_not_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`curation run` takes the lake, crawl root, loopback and CLIP flags from its command line and everything
+    else (subsets registry, schedule, GPUs, where CPU stages run) from the environment, as the UI does."""
+    registry = tmp_path / "subsets.yaml"
+    monkeypatch.setenv("CURATION_SUBSETS", str(registry))
+    monkeypatch.setenv("CURATION_SUBSET_CRON", "30 2 * * *")
+    monkeypatch.setenv("CURATION_INDEX_GPUS", "2")
+    monkeypatch.setenv("CURATION_CPU_STAGES", "compute")
+    monkeypatch.setenv("CURATION_ALLOW_LOOPBACK", "1")  # only the flag turns loopback on
+    parser = argparse.ArgumentParser()
+    add_run_command(parser.add_subparsers())
+    args = parser.parse_args(["run", "--crawl-root", str(tmp_path / "web"), "--lake", str(tmp_path / "lake")])
+    settings = settings_from_args(args)
+    assert (settings.lake_root, settings.crawl_root) == (str(tmp_path / "lake"), str(tmp_path / "web"))
+    assert settings.subsets_registry == str(registry) and settings.subset_cron == "30 2 * * *"
+    assert (settings.index_gpus, settings.clip_gpus, settings.cpu_stages) == (2, 0, "compute")
+    assert settings.allow_loopback is False
 
 
 def test_pairs_rerun_replaces_the_partition_exactly(sample_web: SampleWeb, tmp_path: Path) -> None:
