@@ -114,7 +114,11 @@ def _train_toy_clip(args: argparse.Namespace) -> int:
     from curation.toyclip import ToyClipTrainConfig
 
     flags = ("epochs", "seed", "corpus_pairs", "batch_size", "lr")
-    config = ToyClipTrainConfig(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    try:
+        config = ToyClipTrainConfig(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    except ValueError as exc:  # a bad flag value: say which, without a traceback
+        print(f"curation train-toy-clip: {exc}", file=sys.stderr)
+        return 2
     spec = ensure_sample_models(args.sample_web, str(args.cache), config)
     if args.spec_out:
         from curation.io import write_json

@@ -101,6 +101,14 @@ def test_config_validation_rejects_bad_values(bad: dict[str, object]) -> None:
         ToyClipTrainConfig(**bad)  # type: ignore[arg-type]
 
 
+def test_cli_refuses_a_bad_flag_value_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from curation.cli import main
+
+    assert main(["train-toy-clip", str(tmp_path), "--cache", str(tmp_path), "--corpus-pairs", "-5"]) == 2
+    assert "corpus_pairs must be >= 0, got -5" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written
+
+
 def test_training_is_deterministic_and_seeded(sample_web: SampleWeb, tiny_checkpoint: str, tmp_path: Path) -> None:
     again = train_toy_clip(str(sample_web.root), str(tmp_path / "again.pt"), replace(TINY, evaluate=False))
     first = torch.load(tiny_checkpoint, weights_only=True)
