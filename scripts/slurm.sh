@@ -3,9 +3,21 @@
 # slurmd, slurmdbd on MariaDB (so sacct works) and an sshd on 127.0.0.1, all from Debian packages and
 # started without systemd. Configs, keys, state and logs live under .data/slurm (CURATION_SLURM_STATE).
 #
+# Every clone runs a cluster of its own: its ports (a free block of five, chosen at the first `up` and
+# kept in etc/ports), its munged (own socket) and its sshd, so two clones on one machine never answer
+# each other's jobs and one clone's `down` never stops the other's daemons. What sshd and munged check
+# for safe ownership along the whole path (authorized_keys, munge socket) lives in a root-owned folder
+# under /run/curation-slurm/, and MariaDB's datadir (the mysql user must reach it) under
+# /var/lib/curation-slurm/, both named by a hash of the state folder: a clone may sit under a
+# world-writable folder such as /tmp, which sshd's StrictModes refuses, or under a private one such
+# as /root, which the mysql user cannot enter.
+#
 #   scripts/slurm.sh up       install what is missing, (re)start what is down, wait for an idle node
 #   scripts/slurm.sh down     cancel jobs, stop every daemon this script started
+#   scripts/slurm.sh purge    down, then delete this clone's cluster files (state, accounting DB, keys)
 #   scripts/slurm.sh status   one line per daemon, then sinfo; exit 1 unless everything runs
+#   scripts/slurm.sh check    log in over SSH as the tests do (key, strict host key, scp); exit 1 with
+#                             the reason and the SSH client's and sshd's own words when that fails
 #   scripts/slurm.sh env      export lines for tests and CI: eval "$(scripts/slurm.sh env)"
 #                             (CURATION_SLURM_ENV names the job environment; scripts/slurm-env.sh builds it)
 #
@@ -20,8 +32,14 @@ CLUSTER=curation ACCOUNT=curation PARTITION=cpu GPU_PARTITION=gpu
 NODE=$(hostname -s)
 CPUS=${CURATION_SLURM_CPUS:-8}  # oversubscribes the real cores (config_overrides): more jobs at once
 GPUS=${CURATION_SLURM_GPUS:-1}  # fake GPUs: character devices with no driver behind them
-CTLD_PORT=6817 SLURMD_PORT=6818 DBD_PORT=6819 DB_PORT=6820
-DB=$STATE/mysql  # MariaDB's datadir, socket and PID file: wiping the state dir wipes the accounting too
+# Folder for files whose whole path sshd and munged check for safe ownership: root-owned, outside the clone.
+ID=$(printf '%s' "$STATE" | sha256sum | cut -c1-12)
+SYS=${CURATION_SLURM_SYS:-/run/curation-slurm/$ID}
+MUNGE_DIR=$SYS/munge MUNGE_SOCKET=$SYS/munge/munge.socket
+AUTHORIZED_KEYS=$SYS/authorized_keys
+PORTS_FILE=$ETC/ports  # SSH_PORT CTLD_PORT SLURMD_PORT DBD_PORT DB_PORT, chosen once per clone
+VAR=${CURATION_SLURM_VAR:-/var/lib/curation-slurm/$ID}  # persistent files of daemons that do not run as root
+DB=$VAR/mysql  # MariaDB's datadir, socket and PID file (the accounting); its log is $VAR/mariadb.log
 JOB_USER=root
 export SLURM_CONF=$ETC/slurm.conf
 
@@ -30,12 +48,10 @@ PACKAGES=(munge slurmctld slurmd slurm-client slurmdbd slurm-wlm-mysql-plugin ma
 log() { echo "slurm.sh: $*" >&2 || true; }  # a closed stderr must not abort a start half-way
 die() { log "$*"; exit 1; }
 
-# The sshd port `up` configures: CURATION_SLURM_PORT, else 2222 (off the system's 22).
-ssh_port() { echo "${CURATION_SLURM_PORT:-2222}"; }
-
-# The port the generated sshd_config holds (what `env` reports), else the one `up` would configure.
+# The port the generated sshd_config holds (what `env` and `check` use).
 configured_ssh_port() {
-  if [ -f "$SSHDIR/sshd_config" ]; then awk '$1 == "Port" {print $2}' "$SSHDIR/sshd_config"; else ssh_port; fi
+  [ -f "$SSHDIR/sshd_config" ] || die "no cluster configured under $STATE: run scripts/slurm.sh up first"
+  awk '$1 == "Port" {print $2}' "$SSHDIR/sshd_config"
 }
 
 # Poll CMD every 0.1 s for up to SECONDS; fail with WHAT.
@@ -50,6 +66,52 @@ wait_for() {
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Every TCP port something listens on, any address (from /proc: no ss/netstat needed).
+listening_ports() {
+  awk 'NR > 1 && $4 == "0A" {split($2, a, ":"); print strtonum("0x" a[2])}' /proc/net/tcp /proc/net/tcp6 2>/dev/null \
+    | sort -un
+}
+
+# ports_free PORT...: none of them is listened on.
+ports_free() {
+  local busy p
+  busy=" $(listening_ports | tr '\n' ' ') "
+  for p in "$@"; do [[ $busy != *" $p "* ]] || return 1; done
+}
+
+# Load this clone's ports, choosing a free block of five the first time (or when the recorded block was
+# taken by something else while none of our daemons ran). The search starts at a block derived from the
+# state folder's hash, in 20000-29999 (below Linux's ephemeral range), so clones rarely even probe.
+# CURATION_SLURM_PORT pins the sshd port.
+choose_ports() {
+  if [ -f "$PORTS_FILE" ]; then
+    # shellcheck disable=SC1090
+    source "$PORTS_FILE"
+    if [ -n "${CURATION_SLURM_PORT:-}" ] && [ "$CURATION_SLURM_PORT" != "$SSH_PORT" ]; then
+      log "CURATION_SLURM_PORT=$CURATION_SLURM_PORT differs from the recorded sshd port $SSH_PORT: restarting on new ports"
+      cmd_down  # daemons started with the old ports (mariadbd takes its port on the command line)
+    elif any_daemon_alive || ports_free "$SSH_PORT" "$CTLD_PORT" "$SLURMD_PORT" "$DBD_PORT" "$DB_PORT"; then
+      return 0
+    else
+      log "recorded ports ($PORTS_FILE) are taken by another program: choosing new ones"
+    fi
+  fi
+  local base=$((20000 + 16#${ID:0:4} % 2000 * 5)) tries ssh
+  for ((tries = 0; tries < 2000; tries++)); do
+    ssh=${CURATION_SLURM_PORT:-$base}
+    if ports_free "$ssh" $((base + 1)) $((base + 2)) $((base + 3)) $((base + 4)); then
+      SSH_PORT=$ssh CTLD_PORT=$((base + 1)) SLURMD_PORT=$((base + 2)) DBD_PORT=$((base + 3)) DB_PORT=$((base + 4))
+      printf 'SSH_PORT=%s CTLD_PORT=%s SLURMD_PORT=%s DBD_PORT=%s DB_PORT=%s\n' \
+        "$SSH_PORT" "$CTLD_PORT" "$SLURMD_PORT" "$DBD_PORT" "$DB_PORT" >"$PORTS_FILE.tmp"
+      mv -f "$PORTS_FILE.tmp" "$PORTS_FILE"
+      log "ports: sshd $SSH_PORT, slurmctld $CTLD_PORT, slurmd $SLURMD_PORT, slurmdbd $DBD_PORT, mariadb $DB_PORT"
+      return 0
+    fi
+    base=$((base + 5 > 29995 ? 20000 : base + 5))
+  done
+  die "no free block of five ports in 20000-29999"
+}
 
 # proc_is PID COMM: PID is a COMM process and not a zombie (PID 1 here reaps slowly, about 1.5 s).
 proc_is() {
@@ -66,11 +128,19 @@ alive() {
   [ -n "$pid" ] && proc_is "$pid" "$2"
 }
 
+any_daemon_alive() {
+  alive munged munged || alive mariadbd mariadbd || alive slurmdbd slurmdbd || alive slurmctld slurmctld \
+    || alive slurmd slurmd || alive sshd sshd
+}
+
 # stop NAME COMM: TERM the recorded daemon, wait up to 20 s, then KILL; forget the PID file.
+# For sshd its connection processes go first: they outlive the listener, and an SSH ControlMaster
+# connected through one would carry commands into this stopped cluster for minutes.
 stop() {
   local name=$1 comm=$2 pid
   if alive "$name" "$comm"; then
     pid=$(cat "$RUN/$name.pid")
+    [ "$name" != sshd ] || pkill -TERM -P "$pid" 2>/dev/null || true
     kill -TERM "$pid" 2>/dev/null || true
     local deadline=$((SECONDS + 20))
     while proc_is "$pid" "$comm" && [ "$SECONDS" -lt "$deadline" ]; do
@@ -145,6 +215,7 @@ SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
 CredType=cred/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -188,6 +259,7 @@ EOF
   [ -s "$ETC/dbpass" ] || (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$ETC/dbpass")
   write_if_changed "$ETC/slurmdbd.conf" 600 <<EOF && DBD_CHANGED=1
 AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
 DbdHost=localhost
 DbdPort=$DBD_PORT
 SlurmUser=root
@@ -202,11 +274,11 @@ PidFile=$RUN/slurmdbd.pid
 EOF
   # Remote commands run as `bash --noprofile --norc`: SetEnv hands them our SLURM_CONF.
   write_if_changed "$SSHDIR/sshd_config" 600 <<EOF && SSH_CHANGED=1
-Port $(ssh_port)
+Port $SSH_PORT
 ListenAddress 127.0.0.1
 HostKey $SSHDIR/host_ed25519
 PidFile $RUN/sshd.pid
-AuthorizedKeysFile $SSHDIR/authorized_keys
+AuthorizedKeysFile $AUTHORIZED_KEYS
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -222,26 +294,48 @@ EOF
 }
 
 # Host key, the job user's client key (authorized) and a known_hosts for strict host key checking.
+# authorized_keys goes to $SYS: StrictModes refuses it when any folder above it is group- or
+# world-writable, and a clone under /tmp has one.
 write_ssh_keys() {
   [ -f "$SSHDIR/host_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C "curation-slurm-host" -f "$SSHDIR/host_ed25519"
   [ -f "$SSHDIR/id_ed25519" ] || ssh-keygen -q -t ed25519 -N '' -C "curation-slurm-$JOB_USER" -f "$SSHDIR/id_ed25519"
-  cp "$SSHDIR/id_ed25519.pub" "$SSHDIR/authorized_keys.tmp" && chmod 600 "$SSHDIR/authorized_keys.tmp"
-  mv -f "$SSHDIR/authorized_keys.tmp" "$SSHDIR/authorized_keys"
-  echo "[127.0.0.1]:$(ssh_port) $(cut -d' ' -f1,2 "$SSHDIR/host_ed25519.pub")" >"$SSHDIR/known_hosts"
+  install -m 600 "$SSHDIR/id_ed25519.pub" "$AUTHORIZED_KEYS.tmp"
+  mv -f "$AUTHORIZED_KEYS.tmp" "$AUTHORIZED_KEYS"
+  echo "[127.0.0.1]:$SSH_PORT $(cut -d' ' -f1,2 "$SSHDIR/host_ed25519.pub")" >"$SSHDIR/known_hosts"
 }
 
+# install_sys_dir: $SYS and its parents root-owned and not group/world-writable (what StrictModes and
+# munged's path checks want).
+install_sys_dir() {
+  install -d -o root -g root -m 0755 "$(dirname "$SYS")" "$SYS"
+  local dir=$SYS
+  while [ "$dir" != / ]; do
+    dir=$(dirname "$dir")
+    # shellcheck disable=SC2012
+    [ "$(stat -c '%u' "$dir")" = 0 ] && [ $(( 8#$(stat -c '%a' "$dir") & 8#022 )) = 0 ] \
+      || die "$dir must be root-owned and not group/world-writable (sshd's StrictModes); set CURATION_SLURM_SYS"
+  done
+}
+
+munge_ok() { munge --socket="$MUNGE_SOCKET" -n 2>/dev/null | unmunge --socket="$MUNGE_SOCKET" >/dev/null 2>&1; }
+
+# Our own munged on our own socket (slurm.conf's AuthInfo), with the machine's key: the system's munged,
+# or another clone's, may come and go.
 start_munge() {
-  # Reuse a munged that already answers (the system's, or ours from an earlier up).
-  if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return 0; fi
+  if alive munged munged && munge_ok; then return 0; fi
+  stop munged munged
   if [ ! -f /etc/munge/munge.key ]; then
     mungekey --create --keyfile=/etc/munge/munge.key
     chown munge:munge /etc/munge/munge.key && chmod 600 /etc/munge/munge.key
   fi
-  install -d -o munge -g munge -m 0755 /run/munge  # /run is tmpfs: recreate on every start
-  runuser -u munge -- /usr/sbin/munged </dev/null
-  wait_for "munged" 10 bash -c 'munge -n | unmunge'
-  cp /run/munge/munged.pid "$RUN/munged.pid"
-  log "started munged ($(cat "$RUN/munged.pid"))"
+  install -d -o munge -g munge -m 0755 "$MUNGE_DIR"  # /run is tmpfs: recreate on every start
+  rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
+  runuser -u munge -- /usr/sbin/munged --socket="$MUNGE_SOCKET" --pid-file="$MUNGE_DIR/munged.pid" \
+    --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed" </dev/null \
+    || die "munged did not start; see $MUNGE_DIR/munged.log"
+  wait_for "munged on $MUNGE_SOCKET (see $MUNGE_DIR/munged.log)" 10 munge_ok
+  cp "$MUNGE_DIR/munged.pid" "$RUN/munged.pid"
+  log "started munged ($(cat "$RUN/munged.pid")) on $MUNGE_SOCKET"
 }
 
 # root administers through the socket (unix_socket authentication); slurmdbd connects over TCP.
@@ -251,17 +345,18 @@ sql() { mariadb --no-defaults --socket="$DB/mysqld.sock" -u root "$@"; }
 start_mariadb() {
   if alive mariadbd mariadbd; then return 0; fi
   if [ ! -d "$DB/mysql" ]; then
+    install -d -o root -g root -m 0755 "$(dirname "$VAR")" "$VAR"
     install -d -o mysql -g mysql -m 0750 "$DB"
     mariadb-install-db --no-defaults --user=mysql --datadir="$DB" --skip-test-db \
       --auth-root-authentication-method=socket >"$LOG/mariadb-install.log" 2>&1 \
       || die "mariadb-install-db failed; see $LOG/mariadb-install.log"
   fi
-  touch "$LOG/mariadb.log" && chown mysql:mysql "$LOG/mariadb.log"
+  touch "$VAR/mariadb.log" && chown mysql:mysql "$VAR/mariadb.log"
   setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$DB" --socket="$DB/mysqld.sock" \
     --pid-file="$DB/mysqld.pid" --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve \
-    --log-error="$LOG/mariadb.log" </dev/null >/dev/null 2>&1 &
+    --log-error="$VAR/mariadb.log" </dev/null >/dev/null 2>&1 &
   echo $! >"$RUN/mariadbd.pid"
-  wait_for "mariadb (see $LOG/mariadb.log)" 60 sql -e 'SELECT 1'
+  wait_for "mariadb (see $VAR/mariadb.log)" 60 sql -e 'SELECT 1'
   log "started mariadbd ($(cat "$RUN/mariadbd.pid"))"
 }
 
@@ -340,8 +435,38 @@ start_sshd() {
   /usr/sbin/sshd -t -f "$SSHDIR/sshd_config" || die "sshd config rejected: $SSHDIR/sshd_config"
   /usr/sbin/sshd -f "$SSHDIR/sshd_config" -E "$LOG/sshd.log" </dev/null
   wait_for "sshd" 10 alive sshd sshd
-  wait_for "sshd on port $(ssh_port)" 10 port_open "$(ssh_port)"
-  log "started sshd ($(cat "$RUN/sshd.pid")) on 127.0.0.1:$(ssh_port)"
+  wait_for "sshd on port $SSH_PORT" 10 port_open "$SSH_PORT"
+  log "started sshd ($(cat "$RUN/sshd.pid")) on 127.0.0.1:$SSH_PORT"
+}
+
+# Log in as dagster-slurm does (key only, batch mode, strict host key against our known_hosts), check
+# that remote commands see our SLURM_CONF and reach the cluster, and copy a file with scp (SFTP). On
+# failure: the reason, the client's -v lines and sshd's log, instead of opaque test failures later.
+cmd_check() {
+  local port key=$SSHDIR/id_ed25519 kh=$SSHDIR/known_hosts out probe
+  port=$(configured_ssh_port)
+  local opts=(-F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes
+              -o UserKnownHostsFile="$kh" -o ConnectTimeout=10 -i "$key")
+  if ! out=$(ssh "${opts[@]}" -v -p "$port" "$JOB_USER@127.0.0.1" \
+      'test "$SLURM_CONF" = "'"$SLURM_CONF"'" && sinfo -h -o %P' 2>&1); then
+    {
+      echo "slurm.sh check: SSH login to $JOB_USER@127.0.0.1:$port with $key failed. The client said:"
+      grep -v '^debug[23]' <<<"$out" | tail -n 15
+      echo "sshd's log ($LOG/sshd.log), last lines:"
+      tail -n 5 "$LOG/sshd.log" 2>/dev/null
+      echo "Fix: 'scripts/slurm.sh down && scripts/slurm.sh up' rewrites keys and configs; if sshd refuses the"
+      echo "key for 'bad ownership or modes', the folder it names must be root-owned and not group/world-writable."
+    } >&2
+    return 1
+  fi
+  [[ $out == *cpu* ]] || { log "check: logged in, but the remote sinfo did not list partition cpu: $out"; return 1; }
+  probe=$(mktemp)
+  if ! out=$(scp "${opts[@]}" -P "$port" -q "$probe" "$JOB_USER@127.0.0.1:$STATE/remote/.login-check" 2>&1); then
+    rm -f "$probe"
+    log "check: ssh works but scp (SFTP subsystem) failed: $out"
+    return 1
+  fi
+  rm -f "$probe" "$STATE/remote/.login-check"
 }
 
 # One batch job with a step in it, end to end through accounting. The first job after slurmctld
@@ -361,6 +486,8 @@ cmd_up() {
   mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/ctld" "$STATE/spool" "$STATE/remote"
   install -d -m 0700 "$SSHDIR"  # sshd's StrictModes wants keys in a private directory
   install_packages
+  install_sys_dir
+  choose_ports
   make_gpu_devices
   write_configs
   write_ssh_keys
@@ -380,7 +507,8 @@ cmd_up() {
   ensure_account
   start_sshd
   if [ $cold = 1 ]; then smoke_test; fi
-  log "up: node $NODE $(node_state), ssh $JOB_USER@127.0.0.1:$(ssh_port)"
+  cmd_check || die "the cluster runs, but logging in over SSH as the tests do failed (see above)"
+  log "up: node $NODE $(node_state), ssh $JOB_USER@127.0.0.1:$SSH_PORT"
 }
 
 # Job processes that outlived slurmd: slurmstepds holding a socket in our spool dir, and every process
@@ -416,6 +544,13 @@ cmd_down() {
   stop slurmdbd slurmdbd
   stop mariadbd mariadbd
   stop munged munged
+}
+
+# Everything `up` made for this clone: the state folder and the folders outside it.
+cmd_purge() {
+  cmd_down
+  rm -rf "$SYS" "$VAR" "$STATE"
+  log "purged $STATE, $SYS, $VAR"
 }
 
 cmd_status() {
@@ -457,7 +592,7 @@ cmd_env() {
 
 # up and down run one at a time (parallel test sessions may both call up). --close keeps the lock
 # out of the daemons they start, which would otherwise hold it forever.
-if [[ "${1:-}" == up || "${1:-}" == down ]] && [ -z "${CURATION_SLURM_LOCKED:-}" ]; then
+if [[ "${1:-}" == up || "${1:-}" == down || "${1:-}" == purge ]] && [ -z "${CURATION_SLURM_LOCKED:-}" ]; then
   mkdir -p "$STATE"
   CURATION_SLURM_LOCKED=1 exec flock --close -w 300 "$STATE/.lock" "$0" "$@"
 fi
@@ -465,7 +600,9 @@ fi
 case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
+  purge) cmd_purge ;;
   status) cmd_status ;;
+  check) cmd_check ;;
   env) cmd_env ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|purge|status|check|env" >&2; exit 2 ;;
 esac
