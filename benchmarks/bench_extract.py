@@ -93,6 +93,8 @@ def _straight_clean_alt(raw: str, config: ExtractConfig) -> str | None:
 
 def _straight_resolve(page_url: str, base: str, raw: str, config: ExtractConfig) -> str | None:
     raw = raw.strip(_EDGE).replace("\t", "").replace("\n", "").replace("\r", "")
+    if not raw:  # an empty src would resolve to the page itself
+        return None
     if raw.lower().startswith(("data:", "javascript:")):
         return None
     try:
@@ -142,7 +144,7 @@ def reference(paths: list[str], config: ExtractConfig, *, our_rules: bool = Fals
                     html = doc["Envelope"]["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]
                     links = html["Links"]
                     base = first_value(html.get("Head", {}).get("Base")) or ""
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError, RecursionError):
                     continue
                 for link in links:
                     if link.get("path") != "IMG@/src" or not isinstance(link.get("url"), str):

@@ -66,3 +66,8 @@ STATUS_OK = "ok"
 STATUS_FAILED_DECODE = "failed_to_decode"
 STATUS_NOT_DOWNLOADED = "not_downloaded"
 DROP_LOW_SIMILARITY = "low_similarity"
+
+# More extraction reasons: hostile input that must end as a count, never as an exception.
+JSON_TOO_DEEP = "json_too_deep"  # JSON nested deeper than the interpreter's recursion limit
+RECORD_TOO_LARGE = "record_too_large"  # a gzip member inflating to (or spanning) more than the configured cap
+DROP_EMPTY_SRC = "empty_src"  # `<img src="">` (or blank): it would resolve to the page itself

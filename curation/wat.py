@@ -4,8 +4,10 @@ Reading: a WAT is a multi-member gzip file, one member per WARC record (a leadin
 `metadata` records whose payload is one JSON document). `iter_wat_records` streams it from a local
 path or any fsspec URL, inflating one member at a time with zlib, so a record can be re-read later by
 the byte offset of its member (`wat_record`). A corrupt member is counted and skipped by resynchronising
-at the next gzip member header; a truncated tail is counted; only a file that cannot be read at all
-raises `WatReadError`.
+at the next gzip member header; a truncated tail is counted; a member inflating past
+`max_record_bytes` (a gzip bomb) is inflated to its end without keeping the output, so it costs bounded
+memory and the next member is found exactly; only a file that cannot be read at all raises
+`WatReadError`. Every hostile record ends as a count by reason (see `INPUT_REASONS`), never an exception.
 
 Rules (see shared reference `laion-pipeline.md` §2-4): `IMG@/src` links of `response` records, resolved
 against `<base href>` and the page URL *before* validation (LAION-5B validated first and so lost every
@@ -38,6 +40,17 @@ _READ_SIZE = 4 << 20
 # `unused_data`, so feeding the whole read buffer would copy megabytes per record; a small window keeps
 # that copy cheap while still amortising the per-call overhead (measured: 16-64 KiB are equally fast).
 _FEED_SIZE = 32 << 10
+# Most inflated bytes one zlib call may return. Deflate expands up to 1032:1, so without a limit one feed
+# window could return 33 MiB at once; 1 MiB is far above what a real feed inflates to (~100-300 KiB).
+_INFLATE_STEP = 1 << 20
+# Default cap on one gzip member. Common Crawl truncates every capture at 1 MiB (5 MiB is planned), and a WAT
+# record is JSON about that capture's links and metadata, a few times its size at worst (a bare `<a href=x>`
+# becomes `{"path":"A@/href","url":"x"},`): about 4 MiB today, about 20 MiB at the planned limit. 32 MiB
+# refuses no real record yet bounds what one record costs: its inflated bytes, their payload copy, the decoded
+# text and the parsed JSON. Parsed, hostile JSON grows up to ~30x: a 32 MiB record of 1M image links took
+# 0.53 GB, of 11M empty objects (full parse) 0.9 GB (tests/test_curation/test_wat_hostile.py), so a larger
+# cap should be weighed against the memory of one extraction worker.
+MAX_RECORD_BYTES = 32 << 20
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _HEADER_END = b"\r\n\r\n"
 # LAION's pre-filter: only payloads that mention an <img> are worth JSON-decoding.
@@ -56,15 +69,18 @@ class ExtractConfig:
     """Thresholds of the extraction rules; the defaults are LAION-5B's."""
 
     min_alt_chars: int = 5
+    max_alt_chars: int = 2000  # LAION cut alt texts to 2000 characters: a hostile page can't make huge captions
     max_url_chars: int = 2000
     max_host_chars: int = 60
     blocked_url_substrings: tuple[str, ...] = (".svg", ".gif")
     reliable_language_score: float = 0.7
     low_threshold_languages: tuple[str, ...] = ("hr", "bs")
     low_language_score: float = 0.5
+    # A gzip member inflating to (or spanning) more bytes is refused as `record_too_large`; see MAX_RECORD_BYTES.
+    max_record_bytes: int = MAX_RECORD_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("min_alt_chars", "max_url_chars", "max_host_chars"):
+        for name in ("min_alt_chars", "max_alt_chars", "max_url_chars", "max_host_chars", "max_record_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ExtractConfig.{name} must be a positive integer, got {value!r}")
@@ -138,12 +154,15 @@ PAIRS_SCHEMA = pa.schema(
 )
 assert tuple(PAIRS_SCHEMA.names) == R.PAIRS_COLUMNS
 
-# Every count an extraction reports, so stats files always carry the same keys.
-INPUT_REASONS = (R.BAD_GZIP_MEMBER, R.TRUNCATED_FILE, R.BAD_JSON, R.BAD_ENCODING, R.BAD_RECORD)
+# Every count an extraction reports, so stats files always carry the same keys (new ones are appended).
+INPUT_REASONS = (
+    R.BAD_GZIP_MEMBER, R.TRUNCATED_FILE, R.BAD_JSON, R.BAD_ENCODING, R.BAD_RECORD, R.JSON_TOO_DEEP,
+    R.RECORD_TOO_LARGE,
+)
 DROP_REASONS = (
     R.DROP_NOT_IMAGE_LINK, R.DROP_DATA_URI, R.DROP_JAVASCRIPT, R.DROP_SCHEME, R.DROP_SVG, R.DROP_GIF,
     R.DROP_BLOCKED_URL, R.DROP_URL_TOO_LONG, R.DROP_BAD_HOST, R.DROP_SHORT_ALT, R.DROP_DUPLICATE,
-    R.DROP_SEEN_BEFORE,
+    R.DROP_SEEN_BEFORE, R.DROP_EMPTY_SRC,
 )
 TOTALS = ("records", "pages", "image_links", "kept")
 
@@ -165,11 +184,15 @@ def first_value(value: object) -> str | None:
 
 
 class _Source:
-    """A sliding window over a binary stream that keeps bytes from an anchor (a member's start) onward."""
+    """A sliding window over a binary stream that keeps bytes from an anchor (a member's start) onward.
+
+    The window is a bytearray edited in place: dropping its head is free and appending rarely copies, so a
+    long member costs its retained bytes once, not two or three times as rebuilding a bytes object would.
+    """
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
-        self.buf = b""
+        self.buf = bytearray()
         self.base = 0  # file offset of buf[0]
         self.eof = False
         self.bytes_read = 0
@@ -183,7 +206,8 @@ class _Source:
             self.eof = True
             return False
         self.bytes_read += len(chunk)
-        self.buf = self.buf[anchor:] + chunk
+        del self.buf[:anchor]
+        self.buf += chunk
         self.base += anchor
         return True
 
@@ -191,12 +215,16 @@ class _Source:
 class WatReader:
     """Iterate the records of one WAT file; `problems` counts what had to be skipped, by reason.
 
-    `on_problem(reason, offset)` is called for each problem as well, with the member's byte offset.
+    `on_problem(reason, offset)` is called for each problem as well, with the member's byte offset. A gzip
+    member inflating to, or spanning, more than `max_record_bytes` is skipped as `record_too_large`; memory
+    stays within about `max_record_bytes` plus one read buffer whatever the input.
     """
 
-    def __init__(self, path: str, on_problem: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, path: str, on_problem: Callable[[str, int], None] | None = None,
+                 max_record_bytes: int = MAX_RECORD_BYTES) -> None:
         self.path = path
         self.on_problem = on_problem
+        self.max_record_bytes = max_record_bytes
         self.problems: dict[str, int] = dict.fromkeys(INPUT_REASONS, 0)
         self.records = 0
         self.bytes_read = 0
@@ -221,23 +249,30 @@ class WatReader:
             except OSError as exc:
                 raise WatReadError(
                     f"reading WAT file {self.path!r} failed after {src.bytes_read} bytes: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{type(exc).__name__}: {exc}. Retry; if it fails again, fetch the file anew."
                 ) from exc
             finally:
                 self.bytes_read = src.bytes_read
         if self.records == 0:
             found = ", ".join(f"{k}={v}" for k, v in self.problems.items() if v) or "no data"
-            raise WatReadError(f"WAT file {self.path!r} holds no readable WARC record ({found})")
+            raise WatReadError(
+                f"WAT file {self.path!r} holds no readable WARC record ({found}): it is not a WAT file or "
+                "is damaged throughout. Fetch it anew from Common Crawl, or remove it from the inputs."
+            )
 
     def _members(self, src: _Source) -> Iterator[WatRecord]:
         src.fill(0)
         if not src.buf:
-            raise WatReadError(f"WAT file {self.path!r} is empty")
+            raise WatReadError(
+                f"WAT file {self.path!r} is empty (0 bytes), probably an interrupted download. Fetch it anew "
+                "from Common Crawl, or remove it from the inputs."
+            )
         if not src.buf.startswith(b"\x1f\x8b"):
             raise WatReadError(
-                f"WAT file {self.path!r} is not gzip (starts with {src.buf[:8]!r}); expected a "
-                "Common Crawl .warc.wat.gz file"
+                f"WAT file {self.path!r} is not gzip (starts with {bytes(src.buf[:8])!r}); expected a Common Crawl "
+                ".warc.wat.gz file. Check the path; if it is an error page saved by a download, fetch it anew."
             )
+        cap = self.max_record_bytes
         pos = 0  # index into src.buf of the next member
         resyncing = False  # inside a corrupt stretch already counted
         while True:
@@ -245,41 +280,60 @@ class WatReader:
                 if not src.fill(pos):
                     return
                 pos = 0
-            start = pos
+            start = pos  # the oldest byte of this member the buffer must keep (resynchronising needs it)
+            offset = src.base + start
             inflater = zlib.decompressobj(31)
             pieces: list[bytes] = []
-            error = False
+            size = 0  # inflated bytes so far
+            error = too_large = pending = False  # pending: zlib may hold output for input it already took
             while True:
                 end = min(pos + _FEED_SIZE, len(src.buf))
-                if end == pos:
-                    keep = start
+                if end == pos and not pending:
+                    if src.base + pos - offset > cap:  # e.g. a huge gzip comment that inflates to nothing
+                        too_large, pieces = True, []
+                    # Past the cap the compressed bytes are dropped too, so the buffer cannot grow with them.
+                    keep = pos if too_large else start
                     if not src.fill(keep):
                         break
                     pos -= keep
                     start = 0
                     continue
                 try:
-                    pieces.append(inflater.decompress(memoryview(src.buf)[pos:end]))
+                    piece = inflater.decompress(memoryview(src.buf)[pos:end], _INFLATE_STEP)
                 except zlib.error:
                     error = True
                     break
+                pending = len(piece) == _INFLATE_STEP
+                if not too_large:
+                    size += len(piece)
+                    if size > cap:  # keep inflating, to find the member's end, but keep nothing
+                        too_large, pieces = True, []
+                    else:
+                        pieces.append(piece)
                 if inflater.eof:
                     pos = end - len(inflater.unused_data)
                     break
-                pos = end
-            offset = src.base + start
+                pos = end - len(inflater.unconsumed_tail)
             if error or not inflater.eof:
-                if error and not resyncing:
-                    self._problem(R.BAD_GZIP_MEMBER, offset)
-                elif not error and not resyncing:
-                    self._problem(R.TRUNCATED_FILE, offset)
-                if not error:
+                # The file ended inside this member: it is the truncated tail only if no member starts after it.
+                # Otherwise it is corrupt (a damaged length, or a false header met while resynchronising, made
+                # zlib wait for bytes that never came) and the members after it must still be read.
+                if not error and src.buf.find(_GZIP_MAGIC, start + 1) < 0:
+                    if not resyncing:
+                        self._problem(R.TRUNCATED_FILE, offset)
                     return
+                if not resyncing:
+                    self._problem(R.BAD_GZIP_MEMBER, offset)
                 resyncing = True
                 pos = self._resync(src, start + 1)
                 continue
             resyncing = False
-            yield from self._records(b"".join(pieces), offset)
+            if too_large or src.base + pos - offset > cap:
+                self._problem(R.RECORD_TOO_LARGE, offset)
+                continue
+            data = b"".join(pieces)
+            del pieces  # hold one copy of the member, not two, while its records are read
+            yield from self._records(data, offset)
 
     @staticmethod
     def _resync(src: _Source, pos: int) -> int:
@@ -308,14 +362,21 @@ class WatReader:
             head = data[at:head_end]
             length = _content_length(head)
             body = head_end + len(_HEADER_END)
-            if length < 0 or body + length > len(data):
+            end = body + length
+            if length < 0 or end > len(data):
+                self._problem(R.BAD_RECORD, offset)
+                return
+            after = end
+            while data.startswith(b"\r\n", after):
+                after += 2
+            # A record is followed by the next one or by nothing: other bytes mean its Content-Length is short,
+            # so its block is cut. That is one bad record, counted once, not a record plus leftover bytes.
+            if after < len(data) and not data.startswith(b"WARC/", after) and data[after:].strip():
                 self._problem(R.BAD_RECORD, offset)
                 return
             self.records += 1
-            yield WatRecord(offset, head, data[body : body + length])
-            at = body + length
-            while data.startswith(b"\r\n", at):
-                at += 2
+            yield WatRecord(offset, head, data[body:end])
+            at = after
 
 
 def _content_length(head: bytes) -> int:
@@ -363,14 +424,15 @@ def _parse_headers(text: str) -> dict[str, HeaderValue]:
 
 
 def iter_wat_records(
-    path: str, *, on_problem: Callable[[str, int], None] | None = None
+    path: str, *, on_problem: Callable[[str, int], None] | None = None, max_record_bytes: int = MAX_RECORD_BYTES
 ) -> Iterator[WatRecord]:
     """Stream the WARC records of a WAT file (local path or fsspec URL).
 
-    Problems (corrupt members, truncated tail, malformed records) are reported to `on_problem(reason,
-    offset)` and skipped; `WatReadError` is raised if the file cannot be opened or yields no record.
+    Problems (corrupt members, truncated tail, malformed records, members over `max_record_bytes`) are
+    reported to `on_problem(reason, offset)` and skipped; `WatReadError` is raised if the file cannot be
+    opened or yields no record.
     """
-    return iter(WatReader(path, on_problem))
+    return iter(WatReader(path, on_problem, max_record_bytes))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -467,10 +529,13 @@ def resolve_image_url(
     `javascript:` URLs, schemes other than http(s), URLs longer than `max_url_chars` after quoting,
     URLs containing a blocked substring (LAION's rule is a plain case-insensitive substring test, so
     `/a.gif.jpg` or `cdn.svgshop.com` are dropped too), and a missing, too long or percent-quoted host.
+    An empty or blank `src` is dropped first: it would resolve to the page itself.
     """
     raw = raw.strip(_URL_EDGE)
     if "\n" in raw or "\t" in raw or "\r" in raw:
         raw = raw.translate(_URL_INNER)
+    if not raw:
+        return None, R.DROP_EMPTY_SRC
     head = raw[:11].lower()
     if head.startswith("data:"):
         return None, R.DROP_DATA_URI
@@ -516,7 +581,8 @@ _BLOCKED_REASONS = {".svg": R.DROP_SVG, ".gif": R.DROP_GIF}
 
 
 def clean_alt(raw: str, config: ExtractConfig) -> str | None:
-    """LAION's alt cleaning: ftfy, whitespace to single spaces, printable characters only, stripped.
+    """LAION's alt cleaning: ftfy, whitespace to single spaces, printable characters only, stripped, cut to
+    `config.max_alt_chars` characters (then stripped again).
 
     Returns None when fewer than `config.min_alt_chars` characters (Python `len`) remain.
     """
@@ -532,6 +598,8 @@ def clean_alt(raw: str, config: ExtractConfig) -> str | None:
         # as a space, drop every other non-printable character.
         text = "".join(c if c.isprintable() else (" " if c.isspace() else "") for c in text)
     text = " ".join(text.split())
+    if len(text) > config.max_alt_chars:
+        text = text[:config.max_alt_chars].rstrip()
     return text if len(text) >= config.min_alt_chars else None
 
 
@@ -604,12 +672,18 @@ _IMG_ANY_PAIR = '"path":"IMG@'
 def _read_page(text: str) -> _Page | None:
     """The page of a WAT JSON document, or None when it is not a `response` with Links.
 
-    Raises ValueError (json.JSONDecodeError) for malformed JSON and KeyError for missing fields.
+    Raises ValueError (json.JSONDecodeError) for malformed JSON, RecursionError for JSON nested deeper than
+    the interpreter's recursion limit, KeyError for missing or wrongly typed fields, and UnicodeEncodeError
+    for a page URL or date holding a lone surrogate (`"\\ud800"` is valid JSON, but no UTF-8 table holds it).
     """
     try:
-        return _read_page_targeted(text)
+        page = _read_page_targeted(text)
     except (_NeedFullParse, ValueError):
-        return _read_page_full(json.loads(text))
+        page = _read_page_full(json.loads(text))
+    if page is not None and not (page.url.isascii() and page.date.isascii()):
+        page.url.encode("utf-8")
+        page.date.encode("utf-8")
+    return page
 
 
 def _read_page_targeted(text: str) -> _Page | None:
@@ -628,7 +702,7 @@ def _read_page_targeted(text: str) -> _Page | None:
     if at < 0:
         raise _NeedFullParse
     warc, _ = _DECODER.raw_decode(text, at + len(_WARC_KEY) - 1)
-    if first_value(warc.get("WARC-Type")) != "response":
+    if _warc_type(warc) != "response":
         return None
     html = text.find(_HTML_KEY)
     links = text.find(_LINKS_KEY, html) if html >= 0 else -1
@@ -665,10 +739,10 @@ def _read_page_full(doc: Any) -> _Page | None:
     warc = _path(doc, "Envelope", "WARC-Header-Metadata")
     if not isinstance(warc, dict):
         raise KeyError("Envelope.WARC-Header-Metadata")
-    if first_value(warc.get("WARC-Type")) != "response":
+    if _warc_type(warc) != "response":
         return None
-    html = _path(doc, "Envelope", "Payload-Metadata", "HTTP-Response-Metadata", "HTML-Metadata")
-    links = _path(html, "Links")
+    html = _object_at(doc, "Envelope", "Payload-Metadata", "HTTP-Response-Metadata", "HTML-Metadata")
+    links = _object_at(html, "Links")
     if links is None:
         return None
     if not isinstance(links, list):
@@ -691,10 +765,30 @@ def _read_page_full(doc: Any) -> _Page | None:
     return _Page(page_url, first_value(warc.get("WARC-Date")) or "", base, images, other_img, bad_links)
 
 
+def _warc_type(warc: dict[str, Any]) -> str:
+    """The record's WARC-Type; KeyError when it is missing or not a string (a malformed record)."""
+    kind = first_value(warc.get("WARC-Type"))
+    if kind is None:
+        raise KeyError("WARC-Type")
+    return kind
+
+
 def _path(doc: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(doc, dict):
             return None
+        doc = doc.get(key)
+    return doc
+
+
+def _object_at(doc: Any, *keys: str) -> Any:
+    """`doc[key1][key2]…`; None when a key is missing (or null), KeyError when a value on the way is not an
+    object: a response whose metadata has the wrong shape is a malformed record, not a page without links."""
+    for key in keys:
+        if doc is None:
+            return None
+        if not isinstance(doc, dict):
+            raise KeyError(key)
         doc = doc.get(key)
     return doc
 
@@ -714,7 +808,8 @@ def extract_pairs(
     any other collection is copied into one). Returns the `records.PAIRS_COLUMNS` table and counts by
     reason, in total and per file: "records" (WARC records read), "pages" (responses with links),
     "image_links" (`IMG@/src` entries), "kept", and every reason of INPUT_REASONS and DROP_REASONS.
-    Raises `WatReadError` for a file that cannot be read at all.
+    Hostile input never raises: every record that cannot be used is counted under one reason, and the
+    pairs around it are kept. Raises `WatReadError` for a file that cannot be read at all.
     """
     excluded = exclude_uids if isinstance(exclude_uids, set | frozenset) else set(exclude_uids or ())
     cols: dict[str, list[Any]] = {name: [] for name in R.PAIRS_COLUMNS}
@@ -725,18 +820,21 @@ def extract_pairs(
     bytes_read = 0
     for wat_path in wat_paths:
         counts = dict.fromkeys((*TOTALS, *INPUT_REASONS, *DROP_REASONS), 0)
-        reader = WatReader(wat_path)
+        reader = WatReader(wat_path, max_record_bytes=config.max_record_bytes)
         for record in reader:
             payload = record.payload
             if _IMG_MARKER not in payload:  # LAION's pre-filter: no <img>, nothing to decode
                 continue
             try:
                 page = _read_page(payload.decode("utf-8"))
-            except UnicodeDecodeError:
+            except UnicodeError:  # not UTF-8, or a page URL/date with a lone surrogate
                 counts[R.BAD_ENCODING] += 1
                 continue
             except ValueError:
                 counts[R.BAD_JSON] += 1
+                continue
+            except RecursionError:  # the json module recurses per nesting level
+                counts[R.JSON_TOO_DEEP] += 1
                 continue
             except KeyError:
                 counts[R.BAD_RECORD] += 1

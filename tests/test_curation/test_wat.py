@@ -351,6 +351,15 @@ def test_min_alt_chars_is_configurable() -> None:
     assert clean_alt("abcdef", ExtractConfig(min_alt_chars=7)) is None
 
 
+def test_alt_text_is_cut_to_laions_2000_characters() -> None:
+    long = "word " * 1000  # 5,000 characters
+    text = clean_alt(long, CFG)
+    assert text is not None and len(text) == 1999 and text == long[:1999]  # the cut lands on a space: stripped
+    assert clean_alt("é" * 2500, CFG) == "é" * 2000
+    assert clean_alt("abcdefgh", ExtractConfig(max_alt_chars=6)) == "abcdef"
+    assert clean_alt("abc defgh", ExtractConfig(max_alt_chars=6)) == "abc de"
+
+
 @pytest.mark.parametrize(
     ("text", "code"),
     [
