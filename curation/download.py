@@ -6,27 +6,37 @@ multiprocessing distributor). Our policies plug in through its own extension poi
 - `GuardedDownloader` subclasses img2dataset's `Downloader`; its `__call__` runs in each worker process
   and installs our guarded urllib opener as the process-global opener (`urllib.request.install_opener`),
   which img2dataset's `download_image` uses because it calls `urlopen` without a context. That opener
-  (curation.netguard) carries the SSRF guard, the streaming body cap, the per-host connection cap and
-  the hop recorder whose per-shard side file gives `http_status` and `final_url`.
+  (curation.netguard) carries the SSRF guard, the streaming body cap, the overall per-URL deadline,
+  the refusal of encoded (gzip…) bodies, the per-host connection cap and the hop recorder whose
+  per-shard side file gives `http_status` and `final_url`.
 - `GuardedResizer` subclasses img2dataset's `Resizer`: it refuses bodies under `min_image_bytes`,
   unsupported formats and images over `max_image_pixels` from the image *header* (PIL lazy open),
-  before img2dataset's resizer would decode the whole image.
+  before img2dataset's resizer would decode the whole image. Large images with an alpha channel are
+  flattened onto white in row bands first (see `flatten_alpha`): img2dataset does that on the whole
+  image in float64, and a ~350 KB 9400x9400 RGBA PNG, under the pixel limit, peaked at 6.4 GB.
 - X-Robots-Tag opt-out, user-agent token, timeout and retries are img2dataset's own options.
+
+img2dataset's worker downloads with `threads` threads but resizes in the one thread that collects their
+results, so decode memory is that of one image at a time (plus up to 2 x threads undecoded bodies).
 
 Status mapping (img2dataset status -> ours; `error` keeps img2dataset's `error_message`):
   success -> success; failed_to_resize -> failed_to_resize (undecodable body, or refused by the
   content rules: too small, wrong format, too many pixels); failed_to_download -> blocked when the
-  error is an SSRF/scheme block ("blocked: …") or the X-Robots-Tag opt-out, else failed_to_download
-  (network, HTTP error, truncated or oversized body, too many redirects). A row with no img2dataset
-  result at all (its shard crashed twice) is failed_to_download with error `NO_RESULT`.
+  error is an SSRF/scheme block ("blocked: …", redirects to file:/gopher:… included) or the
+  X-Robots-Tag opt-out, else failed_to_download (network, HTTP error, truncated or oversized body, the
+  per-URL deadline, an encoded body, too many redirects). A row with no img2dataset result at all (its
+  shard crashed twice) is failed_to_download with error `NO_RESULT`.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 import time
 import urllib.request
@@ -36,6 +46,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
+import cv2
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,6 +75,9 @@ ROBOTS_ERROR = "Use of image disallowed by X-Robots-Tag directive"  # img2datase
 NO_RESULT = "no result: img2dataset shard failed"
 SHARDS_DIR = "shards"
 OOM_SHARD_COUNT = 5  # shard names have 5 digits, as in img2dataset and the LAION releases
+DEADLINE_TIMEOUTS = 3  # the default per-URL deadline, in multiples of timeout_s
+FLATTEN_BAND_PIXELS = 1 << 20  # pixels per band when flattening alpha: ~30 MB of temporaries a band
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})  # PIL modes whose decode has an alpha channel
 
 DOWNLOADS_SCHEMA = pa.schema([
     (R.UID, pa.int64()),
@@ -85,6 +100,7 @@ _REASON_PREFIXES: tuple[tuple[str, str], ...] = (
     ("blocked: ", "ssrf_blocked"),
     (ROBOTS_ERROR, "x_robots_tag"),
     ("IncompleteRead", "truncated"),
+    ("unsupported Content-Encoding", "unsupported_encoding"),
     ("body too small", "too_small"),
     ("body too large", "too_large"),
     ("too many pixels", "too_many_pixels"),
@@ -133,7 +149,11 @@ class DownloadConfig:
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # PIL format names; () allows any
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
     user_agent_token: str = "curation"
-    timeout_s: float = 10.0
+    timeout_s: float = 10.0  # per connect and per receive (img2dataset's timeout)
+    # Overall limit per attempt at a URL: connect, redirects, headers and the whole body. A server that
+    # trickles bytes just inside timeout_s is cut off here (reason `timeout`). None: 3 x timeout_s.
+    # Each retry is a new attempt, so a URL can take (retries + 1) x deadline.
+    deadline_s: float | None = None
     retries: int = 1
     max_connections_per_host: int | None = 4  # per worker process
     processes: int = 1
@@ -141,6 +161,9 @@ class DownloadConfig:
     number_sample_per_shard: int = 10_000
     max_shard_retry: int = 1
     extract_exif: bool = False
+    # Alpha images over this many pixels are flattened onto white in row bands (bit-identical output)
+    # before img2dataset's resizer, whose whole-image float64 matting takes ~70 bytes per pixel.
+    flatten_alpha_above_pixels: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.image_size <= 0:
@@ -166,6 +189,10 @@ class DownloadConfig:
             raise ValueError(f"user_agent_token must be a plain token, got {self.user_agent_token!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ValueError(f"deadline_s must be positive or None (3 x timeout_s), got {self.deadline_s}")
+        if self.flatten_alpha_above_pixels < 0:
+            raise ValueError(f"flatten_alpha_above_pixels must be >= 0, got {self.flatten_alpha_above_pixels}")
         if self.retries < 0 or self.max_shard_retry < 0:
             raise ValueError("retries and max_shard_retry must be >= 0")
         if self.max_connections_per_host is not None and self.max_connections_per_host < 1:
@@ -176,6 +203,11 @@ class DownloadConfig:
         if not 1 <= self.number_sample_per_shard <= 10**8:
             raise ValueError(f"number_sample_per_shard must be in [1, 1e8], got "
                              f"{self.number_sample_per_shard}")
+
+    @property
+    def url_deadline_s(self) -> float:
+        """The overall deadline per attempt at a URL: `deadline_s`, or DEADLINE_TIMEOUTS x timeout_s."""
+        return self.deadline_s if self.deadline_s is not None else DEADLINE_TIMEOUTS * self.timeout_s
 
 
 @dataclass(frozen=True)
@@ -190,12 +222,22 @@ class DownloadResult:
     images_per_s: float
 
 
-def header_refusal(data: BinaryIO, *, min_image_bytes: int, max_image_pixels: int,
-                   allowed_formats: tuple[str, ...]) -> str | None:
-    """Why the LAION content rules refuse this body, judged from its size and image header only.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What PIL's lazy open tells about an image without decoding it."""
+
+    format: str | None
+    width: int
+    height: int
+    has_alpha: bool  # a guess from the mode and a tRNS chunk: the decoder has the last word
+
+
+def read_header(data: BinaryIO, *, min_image_bytes: int, max_image_pixels: int,
+                allowed_formats: tuple[str, ...]) -> str | ImageHeader:
+    """The LAION content rules judged from a body's size and image header only: a refusal or the header.
 
     PIL's `Image.open` is lazy: it parses the header for format and size and decodes no pixel data, so a
-    decompression bomb costs a few bytes of reading. Returns a reason string or None to accept.
+    decompression bomb costs a few bytes of reading. Returns the refusal reason or the header.
     """
     data.seek(0, os.SEEK_END)
     size = data.tell()
@@ -205,6 +247,7 @@ def header_refusal(data: BinaryIO, *, min_image_bytes: int, max_image_pixels: in
     try:
         with Image.open(data) as im:
             fmt, (width, height) = im.format, im.size
+            has_alpha = im.mode in ALPHA_MODES or "transparency" in im.info
     except Image.DecompressionBombError as err:  # over twice PIL's limit: PIL refuses to even open it
         return f"too many pixels: {err}"
     except UnidentifiedImageError:
@@ -217,24 +260,92 @@ def header_refusal(data: BinaryIO, *, min_image_bytes: int, max_image_pixels: in
         return f"unsupported image format {fmt}"
     if width * height > max_image_pixels:
         return f"too many pixels: {width}x{height} = {width * height} > {max_image_pixels}"
-    return None
+    return ImageHeader(fmt, width, height, has_alpha)
+
+
+def header_refusal(data: BinaryIO, *, min_image_bytes: int, max_image_pixels: int,
+                   allowed_formats: tuple[str, ...]) -> str | None:
+    """Why the LAION content rules refuse this body (see `read_header`), or None to accept it."""
+    header = read_header(data, min_image_bytes=min_image_bytes, max_image_pixels=max_image_pixels,
+                         allowed_formats=allowed_formats)
+    return header if isinstance(header, str) else None
+
+
+def _matte(alpha: Any, color: Any) -> Any:
+    """img2dataset's matting onto white, operation for operation (float64): uint8 BGR out."""
+    return np.rint((alpha / 255 * color + 255 - alpha).clip(min=0, max=255)).astype(np.uint8)
+
+
+@functools.cache
+def _matte_table() -> Any:
+    """`_matte` for every 8-bit (alpha, channel) pair, indexed by alpha << 8 | channel.
+
+    Computed by `_matte` itself, so a lookup gives exactly its result, ~4x faster than the float64 math.
+    """
+    return _matte(np.arange(256, dtype=np.uint8)[:, None], np.arange(256, dtype=np.uint8)[None, :]).ravel()
+
+
+def flatten_alpha(data: bytes, band_pixels: int = FLATTEN_BAND_PIXELS) -> bytes | None:
+    """An image with an alpha channel flattened onto white, as an uncompressed BMP; None without alpha.
+
+    Decodes as img2dataset's resizer does (cv2, IMREAD_UNCHANGED) and applies its matting formula
+    (`_matte`, by table for 8-bit images) band by band, so feeding the BMP to its resizer gives
+    byte-identical output. Peak memory is the decoded image plus the BMP (~7 bytes per pixel for 8-bit
+    RGBA) instead of the ~70 bytes per pixel of img2dataset matting the whole image in float64.
+    """
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.ndim != 3 or img.shape[2] != 4:
+        return None
+    height, width = img.shape[:2]
+    row_bytes = (3 * width + 3) & ~3  # BMP rows are padded to 4 bytes
+    header = (struct.pack("<2sIHHI", b"BM", 54 + row_bytes * height, 0, 0, 54)
+              + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, row_bytes * height, 2835, 2835, 0, 0))
+    bmp = np.zeros(len(header) + row_bytes * height, np.uint8)
+    bmp[:len(header)] = np.frombuffer(header, np.uint8)
+    rows = bmp[len(header):].reshape(height, row_bytes)[::-1, :3 * width]  # BMP stores rows bottom-up
+    table = _matte_table() if img.dtype == np.uint8 else None
+    step = max(1, band_pixels // width)
+    for top in range(0, height, step):
+        band: Any = img[top:top + step]
+        if table is not None:
+            flat = table[(band[:, :, 3:4].astype(np.intp) << 8) | band[:, :, :3]]
+        else:  # 16-bit: img2dataset's float64 formula as it stands
+            flat = _matte(band[:, :, 3, np.newaxis], band[..., :3])
+        rows[top:top + step] = flat.reshape(len(band), 3 * width)
+    del img
+    return bmp.tobytes()
 
 
 class GuardedResizer(Resizer):
-    """img2dataset's Resizer behind the header-only content rules (size, format, pixel count)."""
+    """img2dataset's Resizer behind the header-only content rules (size, format, pixel count).
+
+    Images the header says have alpha and more than `flatten_alpha_above_pixels` pixels reach it
+    flattened (`flatten_alpha`): the same output at a seventh of the peak memory (9400x9400 RGBA:
+    0.9 GB over the worker's baseline instead of 6.4 GB) and in half the time.
+    """
 
     def __init__(self, *, min_image_bytes: int, max_image_pixels: int, allowed_formats: tuple[str, ...],
-                 **resizer_kwargs: Any) -> None:
+                 flatten_alpha_above_pixels: int = 1 << 20, **resizer_kwargs: Any) -> None:
         super().__init__(**resizer_kwargs)
         self.min_image_bytes = min_image_bytes
         self.max_image_pixels = max_image_pixels
         self.allowed_formats = allowed_formats
+        self.flatten_alpha_above_pixels = flatten_alpha_above_pixels
 
     def __call__(self, img_stream: BinaryIO, blurring_bbox_list: Any = None) -> tuple[Any, ...]:
-        reason = header_refusal(img_stream, min_image_bytes=self.min_image_bytes,
-                                max_image_pixels=self.max_image_pixels, allowed_formats=self.allowed_formats)
-        if reason is not None:
-            return None, None, None, None, None, reason
+        header = read_header(img_stream, min_image_bytes=self.min_image_bytes,
+                             max_image_pixels=self.max_image_pixels, allowed_formats=self.allowed_formats)
+        if isinstance(header, str):
+            return None, None, None, None, None, header
+        if header.has_alpha and header.width * header.height > self.flatten_alpha_above_pixels:
+            try:
+                flat = flatten_alpha(img_stream.read())
+            except Exception as err:  # an undecodable body: the same outcome img2dataset would give
+                return None, None, None, None, None, str(err)
+            finally:
+                img_stream.seek(0)
+            if flat is not None:  # BytesIO shares the bytes and read() hands them back without a copy
+                return super().__call__(io.BytesIO(flat), blurring_bbox_list)
         return super().__call__(img_stream, blurring_bbox_list)
 
 
@@ -246,16 +357,18 @@ class GuardedDownloader(Downloader):
     """
 
     def __init__(self, *, policy: NetPolicy, max_body_bytes: int, max_connections_per_host: int | None,
-                 netlog_dir: str, **downloader_kwargs: Any) -> None:
+                 netlog_dir: str, deadline_s: float | None = None, **downloader_kwargs: Any) -> None:
         super().__init__(**downloader_kwargs)
         self.policy = policy
         self.max_body_bytes = max_body_bytes
         self.max_connections_per_host = max_connections_per_host
+        self.deadline_s = deadline_s
         self.netlog_dir = netlog_dir
 
     def __call__(self, row: tuple[int, str]) -> tuple[bool, tuple[int, str]]:
         guard = install_process_guard(self.policy, max_body_bytes=self.max_body_bytes,
-                                      max_connections_per_host=self.max_connections_per_host)
+                                      max_connections_per_host=self.max_connections_per_host,
+                                      deadline_s=self.deadline_s)
         # Our header check already refuses oversized images; PIL's warning about them is noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         guard.recorder.drain()  # a worker handles one shard at a time: start it clean
@@ -301,6 +414,7 @@ def _build_downloader(config: DownloadConfig, policy: NetPolicy, column_list: li
         min_image_bytes=config.min_image_bytes,
         max_image_pixels=config.max_image_pixels,
         allowed_formats=config.allowed_formats,
+        flatten_alpha_above_pixels=config.flatten_alpha_above_pixels,
         image_size=config.image_size,
         resize_mode=config.resize_mode,
         resize_only_if_bigger=config.resize_only_if_bigger,
@@ -311,6 +425,7 @@ def _build_downloader(config: DownloadConfig, policy: NetPolicy, column_list: li
         policy=policy,
         max_body_bytes=config.max_image_bytes,
         max_connections_per_host=config.max_connections_per_host,
+        deadline_s=config.url_deadline_s,
         netlog_dir=netlog_dir,
         sample_writer_class=WebDatasetSampleWriter,
         resizer=resizer,

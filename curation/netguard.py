@@ -12,21 +12,34 @@ The opener has no file://, ftp:// or data: handler and no proxy handler (a proxy
 itself, out of the guard's sight). It also enforces a streaming body-size cap, a per-host concurrency cap
 (per process: the semaphores live in the process that opens the connections) and records, per original
 URL, the last HTTP status and the final URL for the `downloads` table.
+
+Hostile servers: an optional overall deadline per attempt (`deadline_s`) bounds the whole exchange, from
+the first connection through every redirect hop to the last body byte. Socket timeouts alone bound only
+each single receive, so a server trickling a byte a second held a connection for as long as it liked;
+now every receive waits at most for what is left of the deadline and then fails with `DeadlineExceeded`
+("timed out: …"). Bodies are taken as sent: the opener asks for `Accept-Encoding: identity` and refuses a
+response with any other Content-Encoding (`UnsupportedEncoding`) before reading it, so a gzip bomb is never
+inflated. Redirects to schemes urllib itself refuses (file:, gopher:, data: …) are policy blocks like any
+other (`NetBlocked`), not urllib's HTTPError. Not bounded by the deadline: the DNS lookup (getaddrinfo
+has no timeout of its own; the resolver's retries bound it).
 """
 
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import ipaddress
 import socket
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 # Cloud instance-metadata endpoints: blocked even where a broader category would not catch them
 # (100.100.100.200 sits in shared address space, fd00:ec2::254 in unique-local space).
@@ -63,6 +76,25 @@ class TooManyRedirects(Exception):
 
 class BodyTooLarge(Exception):
     """A response body over the byte cap, detected from Content-Length or while streaming."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """An attempt that ran past its overall deadline (connect, redirects and body together).
+
+    A TimeoutError, so urllib treats it like a socket timeout; the message starts with 'timed out'.
+    """
+
+
+class UnsupportedEncoding(Exception):
+    """A response whose Content-Encoding is not identity: its body would have to be inflated to be used."""
+
+
+def _time_left(deadline: float, deadline_s: float) -> float:
+    """Seconds left until `deadline` (time.monotonic); raise DeadlineExceeded when none are."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded(f"timed out: deadline of {deadline_s:g} s per URL exceeded")
+    return left
 
 
 def _parse_host_port(entry: str) -> tuple[str, int | None]:
@@ -200,13 +232,20 @@ def resolve_checked(host: str, port: int, policy: NetPolicy) -> list[tuple[Any, 
     """Resolve `host` once and validate every address; raise `NetBlocked` if any is not allowed.
 
     Returns getaddrinfo tuples to connect to. A host whose answers mix public and internal addresses is
-    refused as a whole: legitimate image hosts do not do that, rebinding attacks do.
+    refused as a whole: legitimate image hosts do not do that, rebinding attacks do. The special-use
+    names of RFC 6761 never reach DNS: `localhost`, `localhost.` and `*.localhost` are looked up as
+    `localhost` (the hosts file's loopback answer, then checked like any other), `*.invalid` fails.
     """
     name = host.lower().rstrip(".")
     if name in METADATA_HOSTNAMES and not policy.allows(name, port):
         raise NetBlocked(f"blocked: {name} is a cloud metadata host name (not in allow-list)")
+    lookup = host
+    if name == "localhost" or name.endswith(".localhost"):
+        lookup = "localhost"  # "localhost." is not in the hosts file: it would go to a DNS server
+    elif name == "invalid" or name.endswith(".invalid"):
+        raise OSError(f"cannot resolve {host}: the .invalid domain never resolves (RFC 6761)")
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(lookup, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
         raise OSError(f"cannot resolve {host}: {err}") from None
     for info in infos:
@@ -282,14 +321,18 @@ class HostSlots:
         self._lock = threading.Lock()
         self._sems: dict[str, threading.BoundedSemaphore] = {}
 
-    def acquire(self, host: str) -> Callable[[], None]:
-        """Block until a slot for `host` is free; return a release function that is safe to call twice."""
+    def acquire(self, host: str, wait_s: float | None = None) -> Callable[[], None]:
+        """Block until a slot for `host` is free; return a release function that is safe to call twice.
+
+        Waits at most `wait_s` (default: the instance's `wait_s`), then raises TimeoutError.
+        """
         if self.per_host is None:
             return lambda: None
         with self._lock:
             sem = self._sems.setdefault(host, threading.BoundedSemaphore(self.per_host))
-        if not sem.acquire(timeout=self.wait_s):
-            raise OSError(f"waited {self.wait_s:.0f}s for a connection slot to {host}")
+        wait = self.wait_s if wait_s is None else min(wait_s, self.wait_s)
+        if not sem.acquire(timeout=wait):
+            raise TimeoutError(f"timed out: waited {wait:.1f}s for a connection slot to {host}")
         done = threading.Event()
 
         def release() -> None:
@@ -300,12 +343,62 @@ class HostSlots:
         return release
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A response's raw socket reader whose every receive waits at most for what is left of a deadline.
+
+    http.client reads the status line, headers and body through one buffered file over the socket, and a
+    socket timeout restarts with each receive; this shortens it, per receive, to the time left.
+    """
+
+    def __init__(self, file: Any, sock: socket.socket, deadline: float, deadline_s: float) -> None:
+        super().__init__()
+        self._file = file  # sock.makefile's buffered file: closing it (not dropping it) releases the socket
+        self._raw = file.raw
+        self._sock = sock
+        self._deadline = deadline
+        self._deadline_s = deadline_s
+        self._timeout = sock.gettimeout()
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return int(self._raw.fileno())
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = _time_left(self._deadline, self._deadline_s)
+        if self._timeout is None or left < self._timeout:  # only touch the socket near the deadline
+            self._timeout = left
+            self._sock.settimeout(left)
+        try:
+            n: int | None = self._raw.readinto(buffer)
+            return n
+        except TimeoutError:
+            _time_left(self._deadline, self._deadline_s)  # the deadline, not the per-receive timeout, fired
+            raise
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
 class GuardedResponse(http.client.HTTPResponse):
-    """An HTTPResponse that caps the body while streaming and frees its host slot when closed."""
+    """An HTTPResponse under the guard's limits, which frees its host slot when closed.
+
+    It caps the body while streaming and, given a deadline, reads the status line, headers and body
+    through a `_DeadlineReader`.
+    """
 
     curation_max_bytes: int | None = None
     curation_release: Callable[[], None] | None = None
     _curation_seen = 0
+
+    def __init__(self, sock: socket.socket, debuglevel: int = 0, method: str | None = None,
+                 url: str | None = None, *, curation_deadline: tuple[float, float] | None = None) -> None:
+        super().__init__(sock, debuglevel, method, url)
+        if curation_deadline is not None:  # (monotonic deadline, its length in seconds)
+            self.fp = io.BufferedReader(_DeadlineReader(self.fp, sock, *curation_deadline))
 
     def read(self, amt: int | None = None) -> bytes:
         limit = self.curation_max_bytes
@@ -349,14 +442,22 @@ class GuardedResponse(http.client.HTTPResponse):
 
 
 class GuardedHTTPConnection(http.client.HTTPConnection):
-    """HTTPConnection whose connect() resolves the host once and connects only to validated addresses."""
+    """HTTPConnection whose connect() resolves the host once and connects only to validated addresses.
+
+    With a deadline, the connect (and the TLS handshake on top of it) waits at most for the time left.
+    """
 
     response_class = GuardedResponse
     curation_policy: NetPolicy = NetPolicy()  # the strictest policy unless the factory sets one
+    curation_deadline: tuple[float, float] | None = None  # (monotonic deadline, its length in seconds)
 
     def connect(self) -> None:
         sys.audit("http.client.connect", self, self.host, self.port)
-        self.sock = connect_checked(self.host, self.port, self.timeout, self.curation_policy,
+        timeout = self.timeout
+        if self.curation_deadline is not None:
+            left = _time_left(*self.curation_deadline)
+            timeout = left if timeout is None else min(timeout, left)
+        self.sock = connect_checked(self.host, self.port, timeout, self.curation_policy,
                                     getattr(self, "source_address", None))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -386,9 +487,16 @@ class _GuardedHandlerMixin:
         if reason is not None:
             guard.recorder.blocked(origin, req.full_url, reason)
             raise NetBlocked(reason)
-        release = guard.slots.acquire((urlsplit(req.full_url).hostname or "").lower())
+        # The deadline starts once the first hop has its host slot (queueing behind our own politeness
+        # cap is not the server's time); later hops wait for a slot only as long as the deadline allows.
+        deadline: tuple[float, float] | None = getattr(req, "curation_deadline", None)
+        wait = None if deadline is None else _time_left(*deadline)
+        release = guard.slots.acquire((urlsplit(req.full_url).hostname or "").lower(), wait)
+        if deadline is None and guard.deadline_s is not None:
+            deadline = (time.monotonic() + guard.deadline_s, guard.deadline_s)
+            req.curation_deadline = deadline  # type: ignore[attr-defined]
         try:
-            factory = _connection_factory(conn_class, guard.policy)
+            factory = _connection_factory(conn_class, guard.policy, deadline)
             resp = self.do_open(factory, req, **conn_args)  # type: ignore[attr-defined]
         except NetBlocked as err:
             release()
@@ -405,11 +513,15 @@ class _GuardedHandlerMixin:
         return resp
 
 
-def _connection_factory(conn_class: type[http.client.HTTPConnection],
-                        policy: NetPolicy) -> Callable[..., http.client.HTTPConnection]:
+def _connection_factory(conn_class: type[http.client.HTTPConnection], policy: NetPolicy,
+                        deadline: tuple[float, float] | None) -> Callable[..., http.client.HTTPConnection]:
     def make(host: str, **kwargs: Any) -> http.client.HTTPConnection:
         conn = conn_class(host, **kwargs)
         conn.curation_policy = policy  # type: ignore[attr-defined]
+        conn.curation_deadline = deadline  # type: ignore[attr-defined]
+        if deadline is not None:  # http.client builds the response as response_class(sock, method=…)
+            conn.response_class = functools.partial(  # type: ignore[assignment]
+                GuardedResponse, curation_deadline=deadline)
         return conn
     return make
 
@@ -451,7 +563,9 @@ class ResponseRecorder(urllib.request.BaseHandler):
 
     Runs before urllib's HTTPErrorProcessor (order 1000), which turns non-2xx into redirects or errors.
     Closing here also frees the host slot before a redirect opens the next hop, and stops urllib's
-    redirect handler from reading an unbounded 3xx body.
+    redirect handler from reading an unbounded 3xx body. A 2xx response with a Content-Encoding other than
+    identity is closed unread and refused (`UnsupportedEncoding`): urllib never inflates bodies, and
+    neither do we (a small gzip body can inflate to gigabytes).
     """
 
     handler_order = 900
@@ -463,18 +577,46 @@ class ResponseRecorder(urllib.request.BaseHandler):
         self.guard.recorder.response(_origin(req), int(response.status))
         if not 200 <= response.status < 300:
             response.close()
+            return response
+        encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            response.close()
+            raise UnsupportedEncoding(f"unsupported Content-Encoding {encoding[:40]!r}: bodies are never inflated")
         return response
 
     https_response = http_response
 
 
 class GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follows at most `policy.max_redirects` hops, each pre-checked; the connect check runs again."""
+    """Follows at most `policy.max_redirects` hops, each pre-checked; the connect check runs again.
+
+    The hop inherits the attempt's origin, hop count and deadline.
+    """
 
     max_redirections = 21  # above NetPolicy's ceiling of 20, so urllib's own cap never fires first
 
     def __init__(self, guard: NetGuard) -> None:
         self.guard = guard
+
+    def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                       headers: Any) -> Any:
+        """Block a redirect to a scheme we do not fetch before urllib's own check answers it.
+
+        urllib refuses schemes other than http, https and ftp with an HTTPError of its own before
+        `redirect_request` runs, which would record a file:// or gopher:// redirect as a failed download
+        instead of a blocked one.
+        """
+        location = headers["location"] if "location" in headers else headers.get("uri")  # as urllib picks
+        if location is not None:
+            target = urljoin(req.full_url, location)
+            if urlsplit(target).scheme.lower() not in ALLOWED_SCHEMES:
+                reason = check_url(target, self.guard.policy) or f"blocked: redirect to {target[:200]!r}"
+                self.guard.recorder.blocked(_origin(req), target, reason)
+                raise NetBlocked(reason)
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    # The base class binds these names to its own http_error_302: rebind them to ours.
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
     def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
                          newurl: str) -> urllib.request.Request | None:
@@ -491,16 +633,25 @@ class GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
         if new is not None:
             new.curation_origin = origin  # type: ignore[attr-defined]
             new.curation_hops = hops  # type: ignore[attr-defined]
+            new.curation_deadline = getattr(req, "curation_deadline", None)  # type: ignore[attr-defined]
         return new
 
 
 class NetGuard:
-    """The runtime state behind one guarded opener: policy, limits, host slots and the hop recorder."""
+    """The runtime state behind one guarded opener: policy, limits, host slots and the hop recorder.
+
+    `deadline_s` bounds each attempt at a URL as a whole (connect, TLS, every redirect hop, headers and
+    body); None leaves only the per-receive socket timeout that urlopen's `timeout` sets.
+    """
 
     def __init__(self, policy: NetPolicy, *, max_body_bytes: int | None = None,
-                 max_connections_per_host: int | None = None, ssl_context: Any = None) -> None:
+                 max_connections_per_host: int | None = None, deadline_s: float | None = None,
+                 ssl_context: Any = None) -> None:
+        if deadline_s is not None and not deadline_s > 0:
+            raise ValueError(f"deadline_s must be positive or None, got {deadline_s}")
         self.policy = policy
         self.max_body_bytes = max_body_bytes
+        self.deadline_s = deadline_s
         self.slots = HostSlots(max_connections_per_host)
         self.recorder = HopRecorder()
         self.ssl_context = ssl_context
@@ -508,6 +659,8 @@ class NetGuard:
     def build_opener(self) -> urllib.request.OpenerDirector:
         """An OpenerDirector with only guarded handlers: http(s), redirects, errors; nothing else."""
         opener = urllib.request.OpenerDirector()
+        # Added to requests that do not set them; without Accept-Encoding a server may pick any coding.
+        opener.addheaders = [*opener.addheaders, ("Accept-Encoding", "identity")]
         for handler in (GuardedHTTPHandler(self), GuardedHTTPSHandler(self), RefuseOtherSchemes(self),
                         ResponseRecorder(self), GuardedRedirectHandler(self),
                         urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
@@ -516,9 +669,11 @@ class NetGuard:
 
 
 def build_guarded_opener(policy: NetPolicy, *, max_body_bytes: int | None = None,
-                         max_connections_per_host: int | None = None) -> urllib.request.OpenerDirector:
+                         max_connections_per_host: int | None = None,
+                         deadline_s: float | None = None) -> urllib.request.OpenerDirector:
     """A guarded opener with its own NetGuard (reachable as `opener.curation_guard`)."""
-    guard = NetGuard(policy, max_body_bytes=max_body_bytes, max_connections_per_host=max_connections_per_host)
+    guard = NetGuard(policy, max_body_bytes=max_body_bytes, max_connections_per_host=max_connections_per_host,
+                     deadline_s=deadline_s)
     opener = guard.build_opener()
     opener.curation_guard = guard  # type: ignore[attr-defined]
     return opener
@@ -529,7 +684,7 @@ _process_lock = threading.Lock()
 
 
 def install_process_guard(policy: NetPolicy, *, max_body_bytes: int | None,
-                          max_connections_per_host: int | None) -> NetGuard:
+                          max_connections_per_host: int | None, deadline_s: float | None = None) -> NetGuard:
     """Install a guarded opener as this process's global urllib opener (urllib.request.install_opener).
 
     Idempotent per settings: a second call with the same settings keeps the existing guard, so the host
@@ -537,11 +692,11 @@ def install_process_guard(policy: NetPolicy, *, max_body_bytes: int | None,
     library code calls `urllib.request.urlopen` without a context and therefore uses the global opener.
     """
     global _process_guard
-    settings = (policy, max_body_bytes, max_connections_per_host)
+    settings = (policy, max_body_bytes, max_connections_per_host, deadline_s)
     with _process_lock:
         if _process_guard is None or _process_guard[0] != settings:
             guard = NetGuard(policy, max_body_bytes=max_body_bytes,
-                             max_connections_per_host=max_connections_per_host)
+                             max_connections_per_host=max_connections_per_host, deadline_s=deadline_s)
             urllib.request.install_opener(guard.build_opener())
             _process_guard = (settings, guard)
         return _process_guard[1]
@@ -549,12 +704,13 @@ def install_process_guard(policy: NetPolicy, *, max_body_bytes: int | None,
 
 @contextmanager
 def installed_guard(policy: NetPolicy, *, max_body_bytes: int | None = None,
-                    max_connections_per_host: int | None = None) -> Iterator[NetGuard]:
+                    max_connections_per_host: int | None = None,
+                    deadline_s: float | None = None) -> Iterator[NetGuard]:
     """Install the guard for the duration of a block, then go back to urllib's default opener."""
     global _process_guard
     try:
         yield install_process_guard(policy, max_body_bytes=max_body_bytes,
-                                    max_connections_per_host=max_connections_per_host)
+                                    max_connections_per_host=max_connections_per_host, deadline_s=deadline_s)
     finally:
         with _process_lock:
             urllib.request.install_opener(None)
