@@ -1,23 +1,24 @@
 """`curation run`: materialize every asset for every partition of a crawl in process.
 
-It uses the same Definitions the UI shows (`assets.definitions.build_definitions`), so runs recorded
-in a persistent DAGSTER_HOME appear in `make ui`. Registered as the `run` subcommand of the
-`curation` CLI through the `curation.commands` entry point, keeping `curation/` free of Dagster.
+It uses the same Definitions the UI shows (`assets.wiring.build_definitions`), wired to its flags on top
+of the environment's settings, so runs recorded in a persistent DAGSTER_HOME appear in `make ui`. The
+`run` subcommand of the `curation` CLI is registered by `assets.run_command` (the `curation.commands`
+entry point), which imports this module only when `run` executes, keeping `curation/` free of Dagster.
 """
 
 import argparse
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from assets.definitions import build_definitions
 from assets.partitions import crawl_partitions, crawl_segment_partitions, partition_key
+from assets.run_command import add_run_command as add_run_command  # its home before it moved
+from assets.wiring import build_definitions
 from curation import crawls as cc
 from resources.settings import Settings
 
@@ -128,44 +129,24 @@ def print_summary(summary: dict[str, AssetSummary], console: Console) -> None:
             console.print(f"[red]{name} {failure}[/red]")
 
 
-def add_run_command(sub: Any) -> None:
-    """Register `curation run` (called by curation.cli through the `curation.commands` entry point)."""
-    p: argparse.ArgumentParser = sub.add_parser(
-        "run", help="materialize every asset for every partition of a crawl, in process"
-    )
-    p.add_argument("--crawl-root", required=True, help="folder or URL holding crawl-data/<CRAWL>/wat.paths.gz")
-    p.add_argument("--lake", required=True, help="lake root (folder or fsspec URL)")
-    p.add_argument("--dagster-home", default=None, help="persistent DAGSTER_HOME so the runs show in the UI")
-    p.add_argument("--crawl", action="append", default=None, help="crawl id (default: every crawl found)")
-    p.add_argument(
-        "--allow-loopback",
-        action="store_true",
-        help="let the downloader reach 127.0.0.0/8 (the sample web); off by default",
-    )
-    p.add_argument(
-        "--clip-spec",
-        default=os.environ.get("CURATION_CLIP_SPEC"),
-        help="models spec JSON for the clip asset (default $CURATION_CLIP_SPEC, else ViT-B-32/openai)",
-    )
-    p.add_argument("--clip-device", default=os.environ.get("CURATION_CLIP_DEVICE", "auto"))
-    p.set_defaults(func=_run_command)
-
-
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    """The environment's settings (compute, GPUs, subsets registry, cron, …) with the command line's on top."""
-    return replace(
-        Settings.from_env(),
+    """The environment's settings (compute, GPUs, subsets registry, cron, …) with the command line's on top
+    (the variables the flags replace are not read)."""
+    return Settings.from_env(
         lake_root=str(args.lake),
         crawl_root=str(args.crawl_root),
         allow_loopback=bool(args.allow_loopback),
-        clip_spec=args.clip_spec,
+        clip_spec=args.clip_spec or None,
         clip_device=args.clip_device,
     )
 
 
-def _run_command(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace) -> int:
+    """`curation run`: check the settings, then materialize every crawl and print the summary. A bad setting
+    raises ValueError naming the variable or flag to fix (the CLI prints it as one line, exit status 2)."""
     console = Console()
     settings = settings_from_args(args)
+    settings.check()
     crawls = args.crawl or cc.discover_crawls(settings.crawl_root)
     if not crawls:
         console.print(f"[red]no crawl listing found under {settings.crawl_root}/crawl-data/; pass --crawl ID[/red]")

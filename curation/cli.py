@@ -1,7 +1,11 @@
 """The `curation` command: every core stage callable outside Dagster.
 
 Subcommands that need the orchestrator (`run`) are contributed by other packages through the
-`curation.commands` entry-point group, so this module never imports Dagster.
+`curation.commands` entry-point group, so this module never imports Dagster. An entry point only adds its
+subparser; what the command needs is imported when it runs, so `curation --help` stays light.
+
+Errors the core raises on purpose (a bad value, a missing file, an unreadable WAT) print as one line,
+`curation <command>: <message>`, with exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 ENTRY_POINT_GROUP = "curation.commands"
 
@@ -37,22 +42,31 @@ def _serve_sample_web(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from curation.io import exists
     from curation.sql import connect
 
+    if not exists(args.lake):
+        return _fail(args, f"no lake at {args.lake} (the folder does not exist)")
     con, views = connect(args.lake)
+    try:
+        rel = con.sql(args.query)
+        if rel is None:
+            return 0
+        if args.format == "json":
+            cols = rel.columns
+            for row in rel.fetchall():
+                print(json.dumps(dict(zip(cols, row, strict=True)), default=str, ensure_ascii=False))
+        elif args.format == "csv":
+            rel.write_csv("/dev/stdout")
+        else:
+            rel.show(max_rows=args.max_rows, max_width=200)
+    except duckdb.Error as exc:
+        hint = f" (views: {', '.join(views) or 'none, no finished partitions yet'})"
+        return _fail(args, _first_line(exc) + (hint if isinstance(exc, duckdb.CatalogException) else ""))
     if not views:
-        print(f"no stage tables under {args.lake} yet", file=sys.stderr)
-    rel = con.sql(args.query)
-    if rel is None:
-        return 0
-    if args.format == "json":
-        cols = rel.columns
-        for row in rel.fetchall():
-            print(json.dumps(dict(zip(cols, row, strict=True)), default=str, ensure_ascii=False))
-    elif args.format == "csv":
-        rel.write_csv("/dev/stdout")
-    else:
-        rel.show(max_rows=args.max_rows, max_width=200)
+        print(f"no finished stage tables under {args.lake} yet", file=sys.stderr)
     return 0
 
 
@@ -131,10 +145,11 @@ def _train_toy_clip(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    spec = _read_spec(args.spec)  # before torch loads: a bad file is refused at once
+
     from curation.layout import Partition
     from curation.scoring import ScoringConfig, score_partition
 
-    spec = json.loads(Path(args.spec).read_text())
     overrides = {k: v for k, v in (("device", args.device), ("batch_size", args.batch_size),
                                    ("num_workers", args.num_workers)) if v is not None}
     result = score_partition(args.lake, Partition(args.crawl, args.segment), ScoringConfig.from_spec(spec, **overrides))
@@ -144,6 +159,18 @@ def _score(args: argparse.Namespace) -> int:
                       "flagged": result.n_flagged, "images_per_s": round(p.images_per_s, 1),
                       "device": p.device}, indent=2))
     return 0
+
+
+def _read_spec(path: str) -> dict[str, Any]:
+    """A models spec JSON file; a file that is not JSON is refused naming it and where the JSON breaks."""
+    try:
+        spec = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--spec {path} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"--spec {path} must hold a JSON object (model_name, pretrained, ...)")
+    return spec
 
 
 def _index_build(args: argparse.Namespace) -> int:
@@ -163,9 +190,10 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def _index_search(args: argparse.Namespace) -> int:
+    spec = _read_spec(args.spec)
+
     from curation.search import search_text
 
-    spec = json.loads(Path(args.spec).read_text())
     hits = search_text(args.lake, [args.text], spec, k=args.k, modality=args.modality, device=args.device)[0]
     if args.json:
         for h in hits:
@@ -191,16 +219,26 @@ def _subset_list(args: argparse.Namespace) -> int:
 def _subset_export(args: argparse.Namespace) -> int:
     from curation.subsets import export_subset, load_registry
 
+    overrides = _params(args.param)
     defs = {d.name: d for d in load_registry(args.registry)}
     if args.name not in defs:
-        print(f"no subset {args.name!r}; known: {sorted(defs)}", file=sys.stderr)
-        return 2
-    overrides = dict(kv.split("=", 1) for kv in args.param)
+        return _fail(args, f"no subset {args.name!r}; known: {sorted(defs)}")
     r = export_subset(args.lake, defs[args.name], overrides)
     state = "new release" if r.new_release else "unchanged"
     print(f"{r.name} release {r.release} ({state}): {r.rows:,} rows, +{r.added:,} -{r.removed:,} "
           f"{r.removed_by_reason or ''} in {r.path}")
     return 0
+
+
+def _params(pairs: Sequence[str]) -> dict[str, str]:
+    """`--param NAME=VALUE` flags as a dict (the subset casts each value to its parameter's type)."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--param needs NAME=VALUE, got {pair!r}")
+        out[name.strip()] = value
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,12 +359,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refusals() -> tuple[type[Exception], ...]:
+    """The error types the core raises on purpose, with a message meant for the user. The core's own types
+    are looked up among the modules already imported: a module that was never imported cannot have raised."""
+    found: list[type[Exception]] = [ValueError, FileNotFoundError]
+    for module, name in (("curation.wat", "WatReadError"), ("curation.crawls", "ListingError")):
+        kind = getattr(sys.modules.get(module), name, None)
+        if isinstance(kind, type) and issubclass(kind, Exception):
+            found.append(kind)
+    return tuple(found)
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _fail(args: argparse.Namespace, message: str) -> int:
+    """Print `curation <command>: <message>` to stderr; the exit status for a refused command."""
+    command = " ".join(c for c in (args.command, getattr(args, f"{args.command}_command", None)) if c)
+    print(f"curation {command}: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not isinstance(exc, _refusals()):
+            raise  # a bug: keep the traceback
+        return _fail(args, _first_line(exc))
 
 
 if __name__ == "__main__":

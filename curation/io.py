@@ -124,25 +124,47 @@ def read_int_column(paths: list[str], column: str) -> set[int]:
     return out
 
 
-def finished_tables(stage_dir: str, table_name: str, exclude_dir: str | None = None) -> list[str]:
-    """Table files of every partition under a stage folder whose success marker exists."""
+def _finished_partition_dirs(stage_dir: str) -> tuple[fsspec.AbstractFileSystem, list[tuple[Partition, str, set[str]]]]:
+    """Every `crawl=…/segment=…` folder under a stage folder that holds a success marker, sorted by path:
+    its partition, its path as the filesystem spells it, and the names of the files in it.
+
+    Found by listing the stage folder three levels deep, never by globbing: a lake path holding `[`, `]`,
+    `*` or `?` is a plain path, where a glob pattern would read `[...]` as a character class and match nothing.
+    """
     fs, root = filesystem(stage_dir)
+    root = root.rstrip("/")
+    files: dict[str, set[str]] = {}
+    for path in fs.find(root, maxdepth=3):
+        rel = str(path)[len(root) + 1:].split("/") if str(path).startswith(f"{root}/") else []
+        if len(rel) == 3 and rel[0].startswith("crawl=") and rel[1].startswith("segment="):
+            files.setdefault(f"{root}/{rel[0]}/{rel[1]}", set()).add(rel[2])
     out = []
-    for marker in sorted(fs.glob(f"{root}/crawl=*/segment=*/{SUCCESS_MARKER}")):
-        part_dir = str(marker).rsplit("/", 1)[0]
-        if exclude_dir is not None and part_dir.rstrip("/") == filesystem(exclude_dir)[1].rstrip("/"):
+    for part_dir, names in sorted(files.items()):
+        if SUCCESS_MARKER not in names:
+            continue  # unfinished (a killed run or a rerun in progress): invisible to readers
+        crawl_dir, segment_dir = part_dir.rsplit("/", 2)[1:]
+        try:
+            part = Partition(crawl_dir.split("=", 1)[1], segment_dir.split("=", 1)[1])
+        except ValueError:
+            continue  # not a folder the lake's writers make
+        out.append((part, part_dir, names))
+    return fs, out
+
+
+def finished_tables(stage_dir: str, table_name: str, exclude_dir: str | None = None) -> list[str]:
+    """Table files of every partition under a stage folder whose success marker exists (sorted by path;
+    local paths, or URLs for remote filesystems). `exclude_dir` leaves one partition folder out."""
+    fs, dirs = _finished_partition_dirs(stage_dir)
+    excluded = filesystem(exclude_dir)[1].rstrip("/") if exclude_dir is not None else None
+    out = []
+    for _, part_dir, names in dirs:
+        if part_dir == excluded or table_name not in names:
             continue
         table = f"{part_dir}/{table_name}"
-        if fs.exists(table):
-            out.append(fs.unstrip_protocol(table) if not isinstance(fs, LocalFileSystem) else table)
+        out.append(fs.unstrip_protocol(table) if not isinstance(fs, LocalFileSystem) else table)
     return out
 
 
 def finished_partitions(stage_dir: str) -> list[Partition]:
-    """The (crawl, segment) partitions under a stage folder whose success marker exists, in sorted order."""
-    fs, root = filesystem(stage_dir)
-    out = []
-    for marker in sorted(fs.glob(f"{root}/crawl=*/segment=*/{SUCCESS_MARKER}")):
-        crawl_dir, segment_dir = str(marker).rsplit("/", 3)[1:3]
-        out.append(Partition(crawl_dir.split("=", 1)[1], segment_dir.split("=", 1)[1]))
-    return out
+    """The (crawl, segment) partitions under a stage folder whose success marker exists, sorted by path."""
+    return [part for part, _, _ in _finished_partition_dirs(stage_dir)[1]]

@@ -3,28 +3,53 @@
 from __future__ import annotations
 
 import duckdb
+import pyarrow as pa
 
-from curation.io import filesystem
+from curation import records as R
+from curation.io import finished_tables
 from curation.layout import STAGE_TABLES, Lake
+
+# DuckDB's column with each row's file (read_parquet(filename=True)); the lake's tables have no such column.
+_FILE = "filename"
 
 
 def connect(lake_root: str) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
-    """An in-memory DuckDB with a view per stage that has data (`pairs`, `downloads`, …).
+    """An in-memory DuckDB with a view per stage that has finished partitions (`pairs`, `downloads`, …).
 
-    Views are built with the relational API from the lake's own paths, never by formatting SQL text.
-    Partition columns `crawl` and `segment` come from the hive-style folder names.
+    Only partitions whose success marker exists are visible: a partition being rewritten, or left half
+    written by a killed run, is not read. Views are built with the relational API from the listed table
+    files, never by formatting SQL text, and the files are listed, not globbed, so any characters in the
+    lake's path are plain characters. Partition columns `crawl` and `segment` come from the folder names.
     """
     con = duckdb.connect()
     lake = Lake(lake_root)
     views = []
-    for stage in STAGE_TABLES:
-        pattern = lake.table_glob(stage)
-        fs, p = filesystem(pattern)
-        if not fs.glob(p):
+    for stage, table_name in STAGE_TABLES.items():
+        stage_dir = lake.stage_dir(stage)
+        files = finished_tables(stage_dir, table_name)
+        if not files:
             continue
-        con.read_parquet(pattern, hive_partitioning=True, union_by_name=True).create_view(stage)
+        _stage_relation(con, stage_dir, files).create_view(stage)
         views.append(stage)
     return con, views
+
+
+def _stage_relation(con: duckdb.DuckDBPyConnection, stage_dir: str, files: list[str]) -> duckdb.DuckDBPyRelation:
+    if "=" not in stage_dir:
+        return con.read_parquet(files, hive_partitioning=True, union_by_name=True)
+    # DuckDB reads every `key=value` folder of a path as a partition column, the lake's own path included
+    # (a lake under `/runs/crawl=x/` would give every row crawl `x`): take crawl and segment from the
+    # partition folders of each file instead, joined on the file name.
+    rel = con.read_parquet(files, hive_partitioning=False, union_by_name=True, filename=True)
+    folders = [path.rsplit("/", 3)[1:3] for path in files]
+    where = con.from_arrow(pa.table({
+        _FILE: files,
+        "_crawl": [crawl.split("=", 1)[1] for crawl, _ in folders],
+        "_segment": [segment.split("=", 1)[1] for _, segment in folders],
+    }))
+    column = duckdb.ColumnExpression
+    data = [column(c) for c in rel.columns if c not in (_FILE, R.CRAWL, R.SEGMENT)]
+    return rel.join(where, _FILE).select(*data, column("_crawl").alias(R.CRAWL), column("_segment").alias(R.SEGMENT))
 
 
 KEPT_VIEW = "kept"

@@ -76,12 +76,18 @@ class SubsetDefinition:
         if len(set(names)) != len(names) or not all(NAME.match(n) for n in names):
             raise ValueError(f"subset {self.name}: condition names must be unique identifiers, got {names}")
         declared = {k for k, _ in self.params}
-        for cname, expr in self.conditions:
-            if ";" in expr:
-                raise ValueError(f"subset {self.name}: condition {cname} must be one expression (no ';')")
-            unknown = set(PARAM.findall(expr)) - declared
-            if unknown:
-                raise ValueError(f"subset {self.name}: condition {cname} uses undeclared parameters {sorted(unknown)}")
+        with duckdb.connect() as parser:
+            for cname, expr in self.conditions:
+                if ";" in expr:
+                    raise ValueError(f"subset {self.name}: condition {cname} must be one expression (no ';')")
+                problem = _expression_problem(parser, expr)
+                if problem:
+                    raise ValueError(f"subset {self.name}: condition {cname} must be one standalone expression, "
+                                     f"got {expr!r}: {problem}")
+                unknown = set(PARAM.findall(expr)) - declared
+                if unknown:
+                    raise ValueError(f"subset {self.name}: condition {cname} uses undeclared parameters "
+                                     f"{sorted(unknown)}")
         if self.parts < 1 or self.shard_size < 1:
             raise ValueError(f"subset {self.name}: parts and shard_size must be >= 1")
         if not 0.0 < self.drift_max_ks <= 1.0:
@@ -117,8 +123,9 @@ class SubsetDefinition:
                 out[key] = (value if default is None or isinstance(value, type(default))
                             else _cast(value, type(default)))
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"subset {self.name}: parameter {key}={value!r} is not a "
-                                 f"{type(default).__name__}") from exc
+                kind = type(default).__name__
+                hint = f" (give JSON, e.g. {json.dumps(default)})" if isinstance(default, list | tuple | dict) else ""
+                raise ValueError(f"subset {self.name}: parameter {key}={value!r} is not a {kind}{hint}") from exc
         return out
 
     def record(self) -> dict[str, Any]:
@@ -126,13 +133,53 @@ class SubsetDefinition:
 
 
 def _cast(value: Any, kind: type) -> Any:
+    """An override (a string from the command line or run config) as the type of its parameter's default.
+    Lists and mappings are read as JSON: `list("abc")` would split a string into its characters."""
     if kind is bool:
-        if str(value).lower() in ("1", "true", "yes"):
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
             return True
-        if str(value).lower() in ("0", "false", "no"):
+        if text in ("0", "false", "no", "off"):
             return False
         raise ValueError(value)
+    if kind in (list, tuple, dict):
+        parsed = json.loads(value) if isinstance(value, str) else value
+        if not isinstance(parsed, dict if kind is dict else list | tuple):
+            raise ValueError(value)
+        return kind(parsed)
     return kind(value)
+
+
+def _expression_problem(con: duckdb.DuckDBPyConnection, expr: str) -> str | None:
+    """Why a condition is not exactly one standalone expression, or None when it is.
+
+    Conditions are spliced into SQL inside `coalesce((expr), false)`, so one that closes those parentheses
+    itself (`true), true) OR (true`) would change the query around it. DuckDB parses it, without running it
+    (the text is a bound parameter), as `SELECT (expr)`: a single expression gives exactly one select item
+    and nothing else, so any other FROM, WHERE, set operation, ORDER BY or second item is refused.
+    """
+    if not expr.strip():
+        return "it is empty"
+    parsed = _parse_select(con, f"SELECT ({expr})")
+    if parsed.get("error"):
+        return f"it does not parse as one expression ({parsed.get('error_message')})"
+    statements = parsed["statements"]
+    node = statements[0]["node"] if len(statements) == 1 else {}
+    reference = _parse_select(con, "SELECT (true)")["statements"][0]["node"]
+    if len(node.get("select_list", ())) != 1 or _shape(node) != _shape(reference):
+        return "it is more than one expression (does it close the parentheses it is wrapped in?)"
+    return None
+
+
+def _parse_select(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, Any]:
+    row = con.execute("SELECT json_serialize_sql($sql)", {"sql": sql}).fetchone()
+    assert row is not None
+    return dict(json.loads(row[0]))
+
+
+def _shape(node: dict[str, Any]) -> dict[str, Any]:
+    """A parsed `SELECT (expr)` without the expression itself: what must equal `SELECT (true)`'s."""
+    return {k: v for k, v in node.items() if k != "select_list"}
 
 
 BUILTIN_SUBSETS: tuple[SubsetDefinition, ...] = (

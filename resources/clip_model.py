@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
+
+from resources.settings import read_models_spec
 
 # Without a spec: LAION's filter model from a local hub cache (set HF_HUB_OFFLINE=1 on air-gapped nodes).
 DEFAULT_SPEC: dict[str, Any] = {"model_name": "ViT-B-32", "pretrained": "openai"}
@@ -25,14 +25,11 @@ class ClipModelResource(dg.ConfigurableResource):
     walltime_s: int = 3600
 
     def spec(self) -> dict[str, Any]:
-        """The models spec as a dict (the default ViT-B-32/openai one when no path is configured)."""
+        """The models spec as a dict (the default ViT-B-32/openai one when no path is configured). A bad file is
+        refused naming CURATION_CLIP_SPEC (`Settings.check` already refused it when the definitions loaded)."""
         if self.spec_path is None:
             return dict(DEFAULT_SPEC)
-        path = Path(self.spec_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"CLIP models spec {path} does not exist: write one (curation train-toy-clip "
-                                    "--spec-out for the sample web) or unset CURATION_CLIP_SPEC")
-        return dict(json.loads(path.read_text()))
+        return read_models_spec(self.spec_path)
 
     def clip_options(self) -> dict[str, Any]:
         """`ClipPassConfig` overrides sent to the payload."""

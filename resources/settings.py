@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from curation.io import is_local
 from curation.layout import CC_HTTPS_ROOT
 
 COMPUTE_MODES = ("local", "slurm")
@@ -103,7 +108,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.compute not in COMPUTE_MODES:
-            raise ValueError(f"CURATION_COMPUTE must be one of {', '.join(COMPUTE_MODES)}, got {self.compute!r}")
+            raise ValueError(f"CURATION_COMPUTE must be one of {', '.join(COMPUTE_MODES)}, got {self.compute!r}: "
+                             "unset it to run in process, or see README 'Running on SLURM'")
         if self.cpu_stages not in CPU_STAGE_PLACES:
             raise ValueError(f"CURATION_CPU_STAGES must be one of {', '.join(CPU_STAGE_PLACES)}, "
                              f"got {self.cpu_stages!r}")
@@ -118,32 +124,132 @@ class Settings:
             object.__setattr__(self, "slurm", SlurmSettings.from_env())
 
     @classmethod
-    def from_env(cls) -> Settings:
+    def from_env(cls, **overrides: Any) -> Settings:
         """CURATION_LAKE, CURATION_CRAWL_ROOT, CURATION_COMPUTE (local or slurm; slurm reads CURATION_SLURM_*,
         see `SlurmSettings.from_env`), CURATION_CRAWLS (comma list),
-        CURATION_ALLOW_LOOPBACK (1 to let the downloader reach 127.0.0.0/8, for the sample web),
-        CURATION_CLIP_SPEC (models spec JSON for the clip asset), CURATION_CLIP_DEVICE (auto, cpu, cuda),
-        CURATION_CLIP_GPUS / CURATION_INDEX_GPUS (GPUs each clip / index job requests; default 1 under slurm,
-        else 0), CURATION_SUBSETS (a YAML/JSON
-        registry of extra subset definitions), CURATION_CPU_STAGES (process, or compute to run pairs and
-        downloads as jobs on the compute resource too), CURATION_SUBSET_CRON (when the
-        subset_refresh schedule re-exports the subsets; default daily at 04:00)."""
-        lake = os.environ.get("CURATION_LAKE") or str(Path(".data/lake").absolute())
-        crawls = tuple(c.strip() for c in os.environ.get("CURATION_CRAWLS", "").split(",") if c.strip())
-        return cls(
-            lake_root=lake,
-            crawl_root=os.environ.get("CURATION_CRAWL_ROOT") or CC_HTTPS_ROOT,
-            compute=os.environ.get("CURATION_COMPUTE", "local"),
-            crawls=crawls,
-            allow_loopback=os.environ.get("CURATION_ALLOW_LOOPBACK", "") in ("1", "true", "yes"),
-            clip_spec=os.environ.get("CURATION_CLIP_SPEC") or None,
-            clip_device=os.environ.get("CURATION_CLIP_DEVICE", "auto"),
-            clip_gpus=gpus_from_env("CURATION_CLIP_GPUS"),
-            index_gpus=gpus_from_env("CURATION_INDEX_GPUS"),
-            subsets_registry=os.environ.get("CURATION_SUBSETS") or None,
-            subset_cron=os.environ.get("CURATION_SUBSET_CRON") or "0 4 * * *",
-            cpu_stages=os.environ.get("CURATION_CPU_STAGES") or "process",
-        )
+        CURATION_ALLOW_LOOPBACK (a boolean, see `env_flag`: on lets the downloader reach 127.0.0.0/8, for the
+        sample web), CURATION_CLIP_SPEC (models spec JSON for the clip asset), CURATION_CLIP_DEVICE (auto, cpu,
+        cuda), CURATION_CLIP_GPUS / CURATION_INDEX_GPUS (GPUs each clip / index job requests; default 1 under
+        slurm, else 0), CURATION_SUBSETS (a YAML/JSON registry of extra subset definitions), CURATION_CPU_STAGES
+        (process, or compute to run pairs and downloads as jobs on the compute resource too),
+        CURATION_SUBSET_CRON (when the subset_refresh schedule re-exports the subsets; default daily at 04:00).
+
+        `overrides` are field values that replace the environment's (`curation run`'s flags); the variables
+        they replace are not read. The values are validated on construction; `check` looks at the files."""
+        readers: dict[str, Callable[[], Any]] = {
+            "lake_root": lambda: os.environ.get("CURATION_LAKE") or str(Path(".data/lake").absolute()),
+            "crawl_root": lambda: os.environ.get("CURATION_CRAWL_ROOT") or CC_HTTPS_ROOT,
+            "compute": lambda: os.environ.get("CURATION_COMPUTE", "local"),
+            "crawls": lambda: tuple(c.strip() for c in os.environ.get("CURATION_CRAWLS", "").split(",") if c.strip()),
+            "allow_loopback": lambda: env_flag("CURATION_ALLOW_LOOPBACK"),
+            "clip_spec": lambda: os.environ.get("CURATION_CLIP_SPEC") or None,
+            "clip_device": lambda: os.environ.get("CURATION_CLIP_DEVICE", "auto"),
+            "clip_gpus": lambda: gpus_from_env("CURATION_CLIP_GPUS"),
+            "index_gpus": lambda: gpus_from_env("CURATION_INDEX_GPUS"),
+            "subsets_registry": lambda: os.environ.get("CURATION_SUBSETS") or None,
+            "subset_cron": lambda: os.environ.get("CURATION_SUBSET_CRON") or "0 4 * * *",
+            "cpu_stages": lambda: os.environ.get("CURATION_CPU_STAGES") or "process",
+        }
+        unknown = sorted(set(overrides) - set(readers))
+        if unknown:
+            raise TypeError(f"Settings.from_env: unknown overrides {unknown}")
+        return cls(**{name: overrides[name] if name in overrides else read() for name, read in readers.items()})
+
+    def check(self) -> None:
+        """Fail now, with the variable to fix, rather than at the step that needs it: a local lake must be
+        writable, the models spec must be a readable spec and the subsets registry must load. Object-store
+        lakes are not probed (that would need credentials and a round trip)."""
+        problem = lake_write_problem(self.lake_root)
+        if problem:
+            raise ValueError(f"CURATION_LAKE: cannot write to the lake at {self.lake_root} ({problem}); point "
+                             "CURATION_LAKE (or `curation run --lake`) at a folder you can write")
+        if self.clip_spec is not None:
+            read_models_spec(self.clip_spec)
+        if self.subsets_registry is not None:
+            from curation.subsets import load_registry
+
+            try:
+                load_registry(self.subsets_registry)
+            except Exception as exc:  # any way the file fails to load: missing, not YAML/JSON, a bad definition
+                detail = " ".join(str(exc).split())
+                raise ValueError(f"CURATION_SUBSETS: cannot load the subsets registry {self.subsets_registry} "
+                                 f"({detail}); fix it or unset CURATION_SUBSETS") from None
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off", "")
+
+
+def env_flag(name: str) -> bool:
+    """A boolean variable, case-insensitive: 1/true/yes/on, or 0/false/no/off/empty (the default when unset).
+    Anything else is refused rather than read as off."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name} must be a boolean ({'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS[:-1])}), "
+                     f"got {raw!r}")
+
+
+def lake_write_problem(root: str) -> str | None:
+    """Why the stages could not write under a local lake root (the OS error), or None when they could.
+    The lake need not exist yet: then its nearest existing parent must be a writable folder. Nothing is
+    created; URLs of other filesystems (s3://…) are not checked."""
+    if not is_local(root):
+        return None
+    path = Path(root.removeprefix("file://")).expanduser().absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    code = None
+    if not existing.is_dir():
+        code = errno.ENOTDIR
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+    return None if code is None else f"[Errno {code}] {os.strerror(code)}: {existing}"
+
+
+# The keys `curation.scoring.ScoringConfig.from_spec` reads (not imported from there: it loads torch and open_clip).
+MODELS_SPEC_KEYS = frozenset({"model_name", "pretrained", "threshold_en", "threshold_other", "heads",
+                              "nsfw_prompt_sets", "unsafe_sets", "evaluation", "source"})
+_SPEC = "CURATION_CLIP_SPEC"
+
+
+def read_models_spec(path: str) -> dict[str, Any]:
+    """A models spec file (see `curation.scoring.ScoringConfig.from_spec`), checked for what can be checked
+    without loading a model: the file exists and is a JSON object, its keys are known, it names a model, and
+    the head checkpoints it lists exist. Errors name CURATION_CLIP_SPEC, the file and the fix."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{_SPEC}: the models spec {path} does not exist; write one (`curation "
+                                "train-toy-clip SAMPLE_WEB --spec-out spec.json` for the sample web) or unset "
+                                f"{_SPEC} (or --clip-spec) for ViT-B-32/openai")
+    try:
+        spec = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{_SPEC}: the models spec {path} is not valid JSON: {exc.msg} at line {exc.lineno} "
+                         f"column {exc.colno}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{_SPEC}: cannot read the models spec {path}: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{_SPEC}: the models spec {path} must be a JSON object (model_name, pretrained, ...), "
+                         f"not a {type(spec).__name__}")
+    unknown = sorted(set(spec) - MODELS_SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"{_SPEC}: the models spec {path} has unknown keys {unknown}; known: "
+                         f"{sorted(MODELS_SPEC_KEYS)}")
+    if not spec.get("model_name"):
+        raise ValueError(f"{_SPEC}: the models spec {path} needs 'model_name' (an open_clip model name, e.g. "
+                         "ViT-B-32)")
+    heads = spec.get("heads") or {}
+    if not isinstance(heads, dict):
+        raise ValueError(f"{_SPEC}: 'heads' in the models spec {path} must map a kind to a checkpoint path")
+    missing = sorted(f"{kind}: {head}" for kind, head in heads.items() if not Path(str(head)).is_file())
+    if missing:
+        raise FileNotFoundError(f"{_SPEC}: head checkpoints in the models spec {path} do not exist: {missing}")
+    return spec
 
 
 def gpus_from_env(name: str) -> int | None:

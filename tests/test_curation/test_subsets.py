@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curation.io import write_marker
 from curation.layout import Lake, Partition
 from curation.subsets import (
     BUILTIN_SUBSETS,
@@ -56,6 +57,7 @@ def write_lake(root: Path, rows: list[tuple], segment: str = "000") -> None:
         path = Path(lake.table(stage, part))
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table(cols), path)
+        write_marker(str(path.parent), {"rows": len(cols["uid"])})  # readers see finished partitions only
 
 
 AESTHETIC = {d.name: d for d in BUILTIN_SUBSETS}["laion_aesthetic"]
