@@ -24,6 +24,7 @@ class DownloaderResource(dg.ConfigurableResource):
     processes: int = 2
     threads: int = 32
     timeout_s: float = 10.0
+    deadline_s: float | None = None  # per URL, connect to last body byte; None: 3 x timeout_s
     retries: int = 1
     max_connections_per_host: int = 4
     number_sample_per_shard: int = 10_000
