@@ -235,6 +235,9 @@ SchedulerParameters=batch_sched_delay=0
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 AccountingStorageType=accounting_storage/slurmdbd
+# slurmctld authenticates to slurmdbd through this munge socket, not AuthInfo's: without it, it would use
+# the system's /run/munge socket (and die at start when no system munged runs).
+AccountingStoragePass=$MUNGE_SOCKET
 AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
 AccountingStorageTRES=gres/gpu
@@ -399,7 +402,9 @@ node_ready() {
 wait_for_node() {
   local deadline=$((SECONDS + 60)) resumed=0 state
   until node_ready; do
-    state=$(node_state)
+    alive slurmctld slurmctld || die "slurmctld exited; its log ($LOG/slurmctld.log) ends: $(tail -n 3 "$LOG/slurmctld.log")"
+    alive slurmd slurmd || die "slurmd exited; its log ($LOG/slurmd.log) ends: $(tail -n 3 "$LOG/slurmd.log")"
+    state=$(node_state || true)
     case "$state" in
       drain* | down* | inval* | fail*)
         if [ $resumed = 0 ]; then

@@ -54,8 +54,8 @@ def second_cluster(slurm_cluster: SlurmSettings) -> Iterator[Path]:
     assert tmp.stat().st_mode & 0o002, f"{tmp} should be world-writable for this test to mean anything"
     with tempfile.TemporaryDirectory(prefix="clone2-", dir=tmp) as d:
         state = Path(d) / "slurm"
-        _slurm_sh(state, "up")
         try:
+            _slurm_sh(state, "up")
             yield state
         finally:
             _slurm_sh(state, "purge", check=False)
@@ -82,11 +82,13 @@ def test_a_second_clone_under_tmp_runs_its_own_cluster(slurm_cluster: SlurmSetti
 def test_down_of_one_clone_leaves_the_other_running(slurm_cluster: SlurmSettings) -> None:
     with tempfile.TemporaryDirectory(prefix="clone3-", dir=tempfile.gettempdir()) as d:
         state = Path(d) / "slurm"
-        _slurm_sh(state, "up")
-        _slurm_sh(state, "down")
-        status = _slurm_sh(state, "status", check=False)
-        assert status.returncode == 1 and "sshd: stopped" in status.stdout
-        _slurm_sh(state, "purge")
+        try:
+            _slurm_sh(state, "up")
+            _slurm_sh(state, "down")
+            status = _slurm_sh(state, "status", check=False)
+            assert status.returncode == 1 and "sshd: stopped" in status.stdout
+        finally:
+            _slurm_sh(state, "purge", check=False)
     # The session's cluster is untouched: its login check and a job still work.
     assert _slurm_sh(None, "check", check=False).returncode == 0
     assert _slurm_sh(None, "status").returncode == 0
