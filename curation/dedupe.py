@@ -12,7 +12,8 @@ Clusters are the connected components over every link of every partition of ever
 cluster keeps one survivor: the highest CLIP similarity, then the larger original (width*height), then the
 earliest (crawl, segment) in string order, then the smallest uid. `cluster_id` is the survivor's uid.
 
-Incremental state, under `<root>/dedupe/_state/`, with `state.json` as the commit point (written last):
+Incremental state, under `<root>/dedupe/_state/`, with `state.json` as the commit point (written after the
+dedupe tables it describes and before their markers, so a visible dedupe partition always agrees with it):
 
 - `state.json`: format, generation, the config the state was built with, and per partition the digest of its
   inputs (see `input_digest`) and of the dedupe rows last written for it.
@@ -325,10 +326,17 @@ def _commit_state(lake: Lake, state: _State) -> None:
     io.write_parquet(state.embedding_edges, join(gen, EMBEDDING_EDGES_FILE))
     io.write_json({"format": STATE_FORMAT, "generation": state.generation, "config": state.config,
                    "partitions": state.partitions}, join(root, STATE_FILE))
+    _drop_other_generations(root, state.generation)
+
+
+def _drop_other_generations(root: str, generation: int) -> None:
+    """Remove every generation folder but the committed one: older ones once state.json names a newer one, and
+    whatever a killed run left (an uncommitted generation, or the previous one when it died right after the commit)."""
     fs, p = io.filesystem(root)
-    for stale in fs.glob(f"{p.rstrip('/')}/gen-*"):
-        if str(stale).rstrip("/").rsplit("/", 1)[-1] != f"gen-{state.generation:06d}":
-            fs.rm(stale, recursive=True)
+    for entry in fs.ls(p, detail=False):
+        name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("gen-") and name != f"gen-{generation:06d}":
+            fs.rm(entry, recursive=True)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -699,16 +707,15 @@ def _output_table(part: Partition, uid: np.ndarray, hashes: np.ndarray, has_phas
     }, schema=DEDUPE_SCHEMA)
 
 
-def _write_output(lake: Lake, part: Partition, table: pa.Table, config: dict[str, Any]) -> None:
-    """Replace a partition's dedupe table: marker removed first, table, marker last."""
-    out_dir = lake.partition_dir("dedupe", part)
+def _write_table(lake: Lake, part: Partition, table: pa.Table, config: dict[str, Any]) -> dict[str, Any]:
+    """Replace a partition's dedupe table, its marker removed first; return the marker to write once the state
+    that describes the table is committed."""
     io.remove(lake.marker("dedupe", part))
     io.write_parquet(table, lake.table("dedupe", part))
     reasons = Counter(r for r in table.column(R.REASON).to_pylist() if r is not None)
     survivors = int(pc.sum(table.column(SURVIVOR)).as_py() or 0)
-    io.write_marker(out_dir, {"rows": table.num_rows, "survivors": survivors,
-                              "duplicates": table.num_rows - survivors,
-                              "by_reason": dict(sorted(reasons.items())), "config": config})
+    return {"rows": table.num_rows, "survivors": survivors, "duplicates": table.num_rows - survivors,
+            "by_reason": dict(sorted(reasons.items())), "config": config}
 
 
 def _examples(lake: Lake, nodes: pa.Table, clusters: _Clusters, count: int, members: int = 8
@@ -829,20 +836,27 @@ def _sync(lake: Lake, add: list[Partition], forget: list[Partition], config: Ded
     for key in forgotten:
         io.clear_partition(lake.partition_dir("dedupe", Partition.from_key(key)))
     rewritten: list[str] = []
+    markers: list[tuple[Partition, dict[str, Any]]] = []
     for r, part in enumerate(order):
         rows = slice(int(starts[r]), int(starts[r + 1]))
         digest = _output_digest(cfg, uid, hashes, has_phash, clusters, rows)
         if meta[part.key]["output"] != digest or not io.exists(lake.marker("dedupe", part)):
-            _write_output(lake, part, _output_table(part, uid, hashes, has_phash, clusters, rows), cfg)
+            markers.append((part, _write_table(lake, part, _output_table(part, uid, hashes, has_phash, clusters, rows),
+                                               cfg)))
             meta[part.key]["output"] = digest
             rewritten.append(part.key)
 
-    # The state is written after the tables it describes: a crash in between makes the next run redo the work.
+    # Tables, then the state (the commit point), then their markers: every dedupe partition a reader sees agrees
+    # with the committed state. A crash before the markers leaves the rewritten partitions hidden; the next run
+    # finds their markers missing and writes them again.
     if state is None or rebuild or changed or forgotten or meta != state.partitions:
         generation = (state.generation if state is not None else 0) + 1
         _commit_state(lake, _State(generation, cfg, meta, nodes, phash_edges, embedding_edges))
     else:
         generation = state.generation
+        _drop_other_generations(state_dir(lake.root), generation)
+    for part, marker in markers:
+        io.write_marker(lake.partition_dir("dedupe", part), marker)
 
     sizes = Counter(np.bincount(clusters.label).tolist()) if nodes.num_rows else Counter()
     by_reason = Counter(LAYERS[r] for r in clusters.reason.tolist() if r >= 0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +49,7 @@ HNSW_QUANTIZER_MIN_LISTS = 4096
 # PQ code sizes tried, largest (most accurate) first; autofaiss's list.
 PQ_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 ID_BYTES = 8  # every stored vector carries its int64 id
+_GENERATION_FILE = re.compile(r"(index-\d{6}\.faiss|ids-\d{6}\.parquet)")  # one generation's files
 IDS_SCHEMA = pa.schema([(R.UID, pa.int64()), (R.CRAWL, pa.string()), (R.SEGMENT, pa.string())])
 
 
@@ -315,6 +317,7 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
     reason = _rebuild_reason(old, plan, config, clip_model, clip_checkpoint, dim, force_rebuild)
     wanted = {p.partition.key: p for p in parts}
     if old is not None and not reason and old.partitions == {k: p.digest for k, p in wanted.items()}:
+        _drop_other_generations(index_dir(lake_root, config.modality), old)
         return _unchanged_result(old, len(parts), time.perf_counter() - started)
 
     before = _read_ids(lake_root, config.modality, old).column(R.UID).to_numpy() if old else np.zeros(0, np.int64)
@@ -367,10 +370,7 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
         query_ms_p99=tuning.p99_ms, recall_by_nprobe=tuning.recall_by_nprobe, index_file=index_file,
         ids_file=ids_file, index_bytes=index_bytes)
     io.write_json(asdict(manifest), join(out_dir, MANIFEST_FILE))  # the commit point
-    if old is not None:
-        for stale in (old.index_file, old.ids_file):
-            if stale not in (index_file, ids_file):
-                io.remove(join(out_dir, stale))
+    _drop_other_generations(out_dir, manifest)
     return IndexResult(
         factory=plan.factory, family=plan.family, vectors=int(index.ntotal), dim=dim, nlist=plan.nlist,
         nprobe=tuning.nprobe, recall_at_k=tuning.recall, k=config.k, query_ms_p50=tuning.p50_ms,
@@ -379,6 +379,17 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
         partitions=len(parts), partitions_changed=changed, index_bytes=index_bytes,
         build_seconds=time.perf_counter() - started, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
         generation=generation, recall_by_nprobe=tuning.recall_by_nprobe)
+
+
+def _drop_other_generations(out_dir: str, manifest: Manifest) -> None:
+    """Remove every generation's index and id files but the committed one's: the previous generation once the
+    manifest names the new one, and whatever a killed update left (files of a generation never committed, or of
+    the one before when it died between the commit and this cleanup)."""
+    fs, root = io.filesystem(out_dir)
+    for path in fs.ls(root, detail=False):
+        name = str(path).rstrip("/").rsplit("/", 1)[-1]
+        if _GENERATION_FILE.fullmatch(name) and name not in (manifest.index_file, manifest.ids_file):
+            fs.rm(path)
 
 
 def _unchanged_result(old: Manifest, partitions: int, seconds: float) -> IndexResult:

@@ -32,11 +32,19 @@ def is_local(path: str) -> bool:
 
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary sibling path; on success move it over `path` (atomic on local disks)."""
+    """Yield a temporary sibling path; on success move it over `path` (atomic on local disks).
+
+    Temporaries that earlier writes of the same `path` left behind are removed first: a killed process never
+    reaches the cleanup below, and its partial `.tmp-…-<name>` would otherwise stay forever, matched by any
+    glob of the folder (fsspec's `*` matches dot files). One writer per path at a time, as for the rename.
+    """
     fs, p = filesystem(path)
-    parent = p.rsplit("/", 1)[0]
+    parent, name = p.rsplit("/", 1)
     fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{p.rsplit('/', 1)[-1]}"
+    for stale in fs.ls(parent, detail=False):
+        if _is_temp_of(str(stale).rstrip("/").rsplit("/", 1)[-1], name):
+            fs.rm(stale, recursive=True)
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{name}"
     try:
         yield tmp
         if isinstance(fs, LocalFileSystem):
@@ -46,6 +54,13 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
+
+
+def _is_temp_of(entry: str, name: str) -> bool:
+    """Whether a folder entry is an `atomic_path` temporary of the file `name` (`.tmp-<32 hex>-<name>`)."""
+    prefix, _, rest = entry.partition("-")
+    token, _, target = rest.partition("-")
+    return prefix == ".tmp" and target == name and len(token) == 32 and all(c in "0123456789abcdef" for c in token)
 
 
 def write_parquet(table: pa.Table, path: str) -> None:
