@@ -114,6 +114,13 @@ def read_marker(partition_dir: str) -> dict[str, Any] | None:
     return read_json(path) if exists(path) else None
 
 
+def require_finished(partition_dir: str, what: str) -> None:
+    """Refuse to read a partition that has no success marker (never written, or left by a killed run)."""
+    if not exists(join(partition_dir, SUCCESS_MARKER)):
+        raise FileNotFoundError(f"{what} is not finished: no {SUCCESS_MARKER} in {partition_dir}; materialize "
+                                f"{what.split(' ', 1)[0]} for this partition first")
+
+
 def clear_partition(partition_dir: str) -> None:
     """Remove a partition folder before it is rebuilt, so a rerun replaces it exactly."""
     remove(partition_dir)

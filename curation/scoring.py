@@ -35,7 +35,7 @@ from curation.clip import (
     run_clip_pass,
 )
 from curation.heads import KINDS, Head, load_head
-from curation.io import file_sha256, filesystem, read_npy, remove, write_marker, write_parquet
+from curation.io import file_sha256, filesystem, read_npy, remove, require_finished, write_marker, write_parquet
 from curation.layout import IMG_EMB_FILE, TEXT_EMB_FILE, UIDS_FILE, Lake, Partition, join
 from curation.toyclip import model_defaults, register_model_configs
 
@@ -177,6 +177,8 @@ def score_partition(lake_root: str, part: Partition, config: ScoringConfig) -> S
     lake = Lake(lake_root)
     out_dir = lake.partition_dir("clip", part)
     remove(lake.marker("clip", part))  # not complete until the marker is rewritten
+    for stage in ("pairs", "downloads"):  # a rerun upstream in progress, or killed, is not read
+        require_finished(lake.partition_dir(stage, part), f"{stage} of {part.key}")
     pairs = _read_table(lake.table("pairs", part), "pairs")
     downloads = _read_table(lake.table("downloads", part), "downloads")
     register_model_configs()

@@ -103,6 +103,7 @@ def materialize_downloads(lake_root: str, part: Partition, options: Mapping[str,
     lake = Lake(lake_root)
     config, policy = download_options(options)
     out_dir = lake.partition_dir("downloads", part)
+    io.require_finished(lake.partition_dir("pairs", part), f"pairs of {part.key}")
     io.remove(lake.marker("downloads", part))  # not complete until the marker is rewritten
     result = download_images(lake.table("pairs", part), out_dir, config, policy)
     table_path = lake.table("downloads", part)

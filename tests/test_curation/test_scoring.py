@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from PIL import Image
 from curation import plots
 from curation import records as R
 from curation.heads import HeadTrainConfig, train_head
-from curation.io import file_sha256, read_marker, write_parquet
+from curation.io import file_sha256, read_marker, remove, write_marker, write_parquet
 from curation.layout import Lake, Partition
 from curation.scoring import (
     CLIP_CHECKPOINT,
@@ -44,6 +45,8 @@ def lake(tmp_path: Path) -> tuple[str, Any]:
     write_parquet(made.pairs, lake.table("pairs", PART))
     write_parquet(made.downloads, lake.table("downloads", PART))
     shutil.copytree(made.shards_dir, lake.shards_dir(PART))
+    for stage in ("pairs", "downloads"):
+        write_marker(lake.partition_dir(stage, PART), {"rows": made.pairs.num_rows})
     return lake.root, made
 
 
@@ -151,6 +154,14 @@ def test_head_of_another_dimension_is_refused(lake: tuple[str, Any], tmp_path: P
 def test_missing_upstream_table_names_the_stage(tmp_path: Path, tiny_model_name: str) -> None:
     with pytest.raises(FileNotFoundError, match="materialize pairs"):
         score_partition(str(tmp_path / "empty-lake"), PART, config_of(spec_of(tiny_model_name)))
+
+
+def test_an_unfinished_upstream_partition_is_not_read(lake: tuple[str, Any], tiny_model_name: str) -> None:
+    root, _ = lake
+    remove(Lake(root).marker("downloads", PART))  # a downloads rerun killed half-way: its table may be stale
+    with pytest.raises(FileNotFoundError, match=re.escape("downloads of CC-TEST-2024-01|000 is not finished")):
+        score_partition(root, PART, config_of(spec_of(tiny_model_name)))
+    assert not Path(Lake(root).table("clip", PART)).exists()
 
 
 @pytest.mark.parametrize(("change", "error"), [
