@@ -5,13 +5,9 @@ from pydantic import Field
 
 from assets.clip import clip
 from assets.conventions import EAGER, blocking_check
-from assets.metadata import counts_table
-from curation import plots
-from curation.dedupe import DedupeConfig, dedupe_lake, verify_dedupe
-from curation.gallery import gallery_png, read_sample_image
-from curation.integrity import verify_partition_counts
-from curation.io import finished_partitions
-from curation.layout import Partition
+from assets.metadata import stage_result
+from curation.dedupe import DedupeConfig
+from curation.stages import materialize_dedupe
 from resources.storage import LakeResource
 
 
@@ -20,7 +16,8 @@ class DedupeRunConfig(dg.Config):
 
     radius: int = Field(default=DedupeConfig().radius, description="pHash Hamming radius in bits")
     use_embeddings: bool = Field(default=False, description="also merge CLIP image embeddings at cosine >= threshold")
-    embedding_threshold: float = Field(default=0.94, description="clip-retrieval's near-duplicate cosine")
+    embedding_threshold: float = Field(default=DedupeConfig().embedding_threshold,
+                                       description="clip-retrieval's near-duplicate cosine")
 
 
 @dg.asset(
@@ -58,48 +55,4 @@ def dedupe(context: dg.AssetExecutionContext, config: DedupeRunConfig, lake: Lak
     original, then earliest crawl, then smallest uid."""
     settings = DedupeConfig(radius=config.radius, use_embeddings=config.use_embeddings,
                             embedding_threshold=config.embedding_threshold)
-    parts = [p for p in finished_partitions(lake.lake.stage_dir("clip"))]
-    result = dedupe_lake(lake.root, parts, settings)
-    problems = verify_dedupe(lake.root, parts)
-    count_problems = verify_partition_counts(lake.root, parts)
-    context.log.info(f"{len(parts)} partitions: {result.nodes} kept pairs, {result.duplicates_removed} duplicates "
-                     f"removed in {result.duplicate_clusters} clusters; rewrote {len(result.partitions_rewritten)}")
-    sizes = sorted(result.cluster_sizes.items())
-    gallery_rows = []
-    for cluster in result.examples:
-        row = []
-        for m in cluster:
-            data = (read_sample_image(lake.root, Partition(m.crawl, m.segment), m.shard, m.key)
-                    if m.shard is not None and m.key is not None else None)
-            row.append((data, f"{m.segment}/{m.uid % 100000:05d}"))
-        gallery_rows.append(row)
-    size_chart = plots.funnel_png([(f"size {s}", n) for s, n in sizes if s > 1][:12] or [("no duplicates", 0)],
-                                  title="duplicate clusters by size")
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": result.nodes,
-            "partitions": result.partitions,
-            "partitions_rewritten": dg.MetadataValue.json(list(result.partitions_rewritten)),
-            "clusters": result.clusters,
-            "duplicate_clusters": result.duplicate_clusters,
-            "duplicates_removed": result.duplicates_removed,
-            "survivors": result.clusters,
-            "by_reason": counts_table(result.by_reason),
-            "links_by_layer": dg.MetadataValue.json(result.edges_by_layer),
-            "cluster_sizes": counts_table({str(s): n for s, n in sizes}, "size"),
-            "charts": dg.MetadataValue.md(plots.markdown_image(size_chart, "cluster sizes")),
-            "gallery": dg.MetadataValue.md(plots.markdown_image(
-                gallery_png(gallery_rows, title="example clusters (survivor first)"), "example clusters")
-                if gallery_rows else "no duplicate clusters"),
-            "radius": settings.radius,
-            "duration_s": round(result.seconds, 2),
-        },
-        check_results=[
-            dg.AssetCheckResult(check_name="one_survivor_per_cluster", passed=not problems["clusters"],
-                                metadata={"problems": "\n".join(problems["clusters"][:20]) or "none"}),
-            dg.AssetCheckResult(check_name="rows_match_kept_clip", passed=not problems["rows"],
-                                metadata={"problems": "\n".join(problems["rows"][:20]) or "none"}),
-            dg.AssetCheckResult(check_name="partition_counts_agree", passed=not count_problems,
-                                metadata={"problems": "\n".join(count_problems[:20]) or "none"}),
-        ],
-    )
+    return stage_result(context, materialize_dedupe(lake.root, settings))

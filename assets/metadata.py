@@ -1,4 +1,5 @@
-"""Helpers that turn stage statistics into Dagster materialization metadata."""
+"""Stage reports (curation.report.StageReport) as Dagster materialization results: one conversion, whether the
+stage ran in this process or as a Pipes payload on the compute resource."""
 
 from __future__ import annotations
 
@@ -7,14 +8,7 @@ from typing import Any
 
 import dagster as dg
 
-from curation.plots import counts_markdown
-from curation.stages import StageReport
-
-
-def counts_table(counts: Mapping[str, int], title: str = "reason") -> dg.MetadataValue:
-    """A markdown table of counts, largest first."""
-    return dg.MetadataValue.md(counts_markdown(counts, title))
-
+from curation.report import StageReport
 
 _KINDS = {
     "int": dg.MetadataValue.int,
@@ -28,12 +22,12 @@ _KINDS = {
 
 
 def typed_metadata(metadata: Mapping[str, tuple[str, Any]]) -> dict[str, dg.MetadataValue]:
-    """A core `StageReport`'s {key: (type, value)} metadata as Dagster metadata values."""
+    """A report's {key: (type, value)} metadata as Dagster metadata values."""
     return {k: _KINDS[t](v) for k, (t, v) in metadata.items()}
 
 
 def stage_result(context: dg.AssetExecutionContext, report: StageReport) -> dg.MaterializeResult:
-    """The MaterializeResult of a CPU stage run in process."""
+    """The MaterializeResult of a stage run in process (its log line goes to the run's log)."""
     if report.log:
         context.log.info(report.log)
     return dg.MaterializeResult(
@@ -47,7 +41,8 @@ def stage_result(context: dg.AssetExecutionContext, report: StageReport) -> dg.M
 
 
 def dispatched_result(invocation: Any, what: str) -> dg.MaterializeResult:
-    """The MaterializeResult of a payload run through the compute resource (one materialization expected)."""
+    """The MaterializeResult of a stage run as a payload on the compute resource: the report it sent through
+    Pipes (`curation.report.send`), exactly one materialization plus its checks."""
     results = invocation.get_results()
     materializations = [r for r in results if isinstance(r, dg.MaterializeResult)]
     if len(materializations) != 1:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_clip.py --model ViT-B-32 --n 256 [--device auto] [--batch-size 64]
                                     [--workers 4] [--precision fp16] [--repeat 1] [--json OUT]
-    python benchmarks/bench_clip.py --model toy-clip --n 2048          # needs curation.toyclip
+    python benchmarks/bench_clip.py --model toy-clip --n 2048          # the config curation.models registers
     python benchmarks/bench_clip.py --config-json my-tiny.json --n 512  # registers and runs that config
 
 It writes N random-ish 256 px JPEGs (img2dataset's default size) with captions into a temporary webdataset
@@ -124,7 +124,7 @@ def time_model_only(clip: LoadedClip, tensors: torch.Tensor, captions: list[str]
 
 
 def register_model(args: argparse.Namespace) -> str | None:
-    """The open_clip model name to run, registering --config-json or curation.toyclip; None to skip."""
+    """The open_clip model name to run, registering --config-json or the package's configs; None to skip."""
     import open_clip
 
     if args.config_json:
@@ -133,16 +133,11 @@ def register_model(args: argparse.Namespace) -> str | None:
         return str(args.model or path.stem)
     args.model = args.model or "ViT-B-32"
     if args.model == "toy-clip" and "toy-clip" not in open_clip.list_models():
-        try:
-            import curation.toyclip as toyclip
-        except ImportError as exc:
-            print(f"skip: --model toy-clip needs curation.toyclip ({exc})")
-            return None
-        register = getattr(toyclip, "register_model_configs", None)  # registers the bundled configs
-        if callable(register):
-            register()
+        from curation.models import register_model_configs
+
+        register_model_configs()
         if "toy-clip" not in open_clip.list_models():
-            print("skip: curation.toyclip imported but registered no 'toy-clip' config")
+            print("skip: curation.models registered no 'toy-clip' config")
             return None
     return str(args.model)
 

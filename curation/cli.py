@@ -22,9 +22,9 @@ ENTRY_POINT_GROUP = "curation.commands"
 
 
 def _sample_web(args: argparse.Namespace) -> int:
-    from curation.sample_web import SampleWebConfig, generate_sample_web
+    from curation.sample.web import SampleWebConfig, generate_sample_web
 
-    cfg = SampleWebConfig(seed=args.seed, pages=args.pages, segments=args.segments, port=args.port, crawl=args.crawl)
+    cfg = SampleWebConfig(**_given(args, "seed", "pages", "segments", "port", "crawl"))
     manifest = generate_sample_web(args.out, cfg)
     print(
         f"sample web in {args.out}: crawl {manifest['crawl']}, {len(manifest['segments'])} segments, "
@@ -35,7 +35,7 @@ def _sample_web(args: argparse.Namespace) -> int:
 
 
 def _serve_sample_web(args: argparse.Namespace) -> int:
-    from curation.sample_server import serve_forever
+    from curation.sample.server import serve_forever
 
     serve_forever(args.root, args.port)
     return 0
@@ -86,9 +86,7 @@ def _download(args: argparse.Namespace) -> int:
     from curation.layout import join
     from curation.netguard import NetPolicy
 
-    config = DownloadConfig(
-        image_size=args.image_size, resize_mode=args.resize_mode, processes=args.processes, threads=args.threads
-    )
+    config = DownloadConfig(processes=args.processes, **_given(args, "image_size", "resize_mode", "threads"))
     policy = NetPolicy.with_loopback() if args.allow_loopback else NetPolicy()
     result = download_images(args.pairs, args.out, config, policy)
     io.write_parquet(result.table, join(args.out, "downloads.parquet"))
@@ -112,7 +110,7 @@ def _train_head(args: argparse.Namespace) -> int:
 
     from curation.heads import HeadTrainConfig, train_head
 
-    config = HeadTrainConfig(kind=args.kind, architecture=args.architecture, epochs=args.epochs, seed=args.seed)
+    config = HeadTrainConfig(kind=args.kind, **_given(args, "architecture", "epochs", "seed"))
     meta = train_head(np.load(args.embeddings), np.load(args.labels), config, args.output, clip_model=args.clip_model)
     print(json.dumps(meta, indent=2))
     return 0
@@ -124,12 +122,11 @@ def default_model_cache() -> Path:
 
 
 def _train_toy_clip(args: argparse.Namespace) -> int:
-    from curation.sample_models import ensure_sample_models
-    from curation.toyclip import ToyClipTrainConfig
+    from curation.sample.models import ensure_sample_models
+    from curation.sample.toy_clip import ToyClipTrainConfig
 
-    flags = ("epochs", "seed", "corpus_pairs", "batch_size", "lr")
     try:
-        config = ToyClipTrainConfig(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+        config = ToyClipTrainConfig(**_given(args, "epochs", "seed", "corpus_pairs", "batch_size", "lr"))
     except ValueError as exc:  # a bad flag value: say which, without a traceback
         print(f"curation train-toy-clip: {exc}", file=sys.stderr)
         return 2
@@ -176,14 +173,16 @@ def _read_spec(path: str) -> dict[str, Any]:
 def _index_build(args: argparse.Namespace) -> int:
     from curation.index import IndexConfig, build_index, verify_index
 
-    config = IndexConfig(modality=args.modality, memory_budget_bytes=int(args.memory_budget_gb * 2**30),
-                         flat_max_vectors=args.flat_max_vectors, target_recall=args.target_recall)
+    fields = _given(args, "modality", "flat_max_vectors", "target_recall")
+    if args.memory_budget_gb is not None:
+        fields["memory_budget_bytes"] = int(args.memory_budget_gb * 2**30)
+    config = IndexConfig(**fields)
     r = build_index(args.lake, config, force_rebuild=args.force)
     state = "unchanged" if r.unchanged else (f"rebuilt ({r.rebuild_reason})" if r.rebuilt else "updated")
-    print(f"{args.modality} index {state}: {r.factory}, {r.vectors:,} vectors of dim {r.dim}, nprobe {r.nprobe}, "
+    print(f"{config.modality} index {state}: {r.factory}, {r.vectors:,} vectors of dim {r.dim}, nprobe {r.nprobe}, "
           f"recall@{r.k} {r.recall_at_k:.4f}, query p50 {r.query_ms_p50:.2f} ms / p99 {r.query_ms_p99:.2f} ms, "
           f"+{r.added:,} -{r.removed:,} in {r.build_seconds:.1f}s")
-    problems = verify_index(args.lake, args.modality)
+    problems = verify_index(args.lake, config.modality)
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     return 1 if problems else 0
@@ -230,6 +229,11 @@ def _subset_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given(args: argparse.Namespace, *flags: str) -> dict[str, Any]:
+    """The named flags that were given (not None), as config fields: the config dataclass holds the defaults."""
+    return {flag: getattr(args, flag) for flag in flags if getattr(args, flag) is not None}
+
+
 def _params(pairs: Sequence[str]) -> dict[str, str]:
     """`--param NAME=VALUE` flags as a dict (the subset casts each value to its parameter's type)."""
     out = {}
@@ -241,17 +245,42 @@ def _params(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+_Subparsers = argparse._SubParsersAction  # what `add_subparsers` returns; argparse has no public name for it
+
+
+# A flag that sets a config dataclass field defaults to None and its command passes only the flags given
+# (`_given`), so the dataclass stays the single source of each default. Its help names the field, not the value:
+# reading the value would import the config's module (numpy, cv2, torch, faiss) whenever the parser is built.
 def build_parser() -> argparse.ArgumentParser:
+    """The `curation` parser: the core's commands, then the ones contributed through ENTRY_POINT_GROUP."""
     parser = argparse.ArgumentParser(prog="curation", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_sample_commands(sub)
+    _add_sql_command(sub)
+    _add_stage_commands(sub)
+    _add_model_commands(sub)
+    _add_index_commands(sub)
+    _add_subset_commands(sub)
 
+    from curation.phash import add_phash_parser
+
+    add_phash_parser(sub)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        ep.load()(sub)
+    return parser
+
+
+def _add_sample_commands(sub: _Subparsers) -> None:
+    """`sample-web` and `serve-sample-web`: generate and serve the embedded sample web."""
     p = sub.add_parser("sample-web", help="generate the embedded sample web (WAT files, images, truth)")
     p.add_argument("out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pages", type=int, default=300)
-    p.add_argument("--segments", type=int, default=3)
-    p.add_argument("--port", type=int, default=8642, help="port baked into the image URLs (default 8642)")
-    p.add_argument("--crawl", default="CC-MAIN-2024-51")
+    p.add_argument("--seed", type=int, default=None, help="generator seed (default: SampleWebConfig.seed)")
+    p.add_argument("--pages", type=int, default=None, help="pages in the web (default: SampleWebConfig.pages)")
+    p.add_argument("--segments", type=int, default=None, help="crawl segments (default: SampleWebConfig.segments)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port baked into the image URLs (default: SampleWebConfig.port)")
+    p.add_argument("--crawl", default=None, help="crawl id (default: SampleWebConfig.crawl)")
     p.set_defaults(func=_sample_web)
 
     p = sub.add_parser("serve-sample-web", help="serve a generated sample web on loopback")
@@ -259,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="default: the port the sample web was generated for")
     p.set_defaults(func=_serve_sample_web)
 
+
+def _add_sql_command(sub: _Subparsers) -> None:
+    """`sql`: query the lake's finished stage tables."""
     p = sub.add_parser("sql", help="run SQL over the lake (one DuckDB view per stage)")
     p.add_argument("lake")
     p.add_argument("query")
@@ -266,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=40)
     p.set_defaults(func=_sql)
 
+
+def _add_stage_commands(sub: _Subparsers) -> None:
+    """`extract` and `download`: the first two pipeline stages on plain files."""
     p = sub.add_parser("extract", help="extract image-text pairs from WAT files")
     p.add_argument("wat", nargs="+", help="WAT files: local paths or fsspec URLs")
     p.add_argument("-o", "--output", required=True, help="output parquet")
@@ -276,21 +311,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="download a pairs parquet's images into webdataset shards")
     p.add_argument("pairs", help="parquet with uid, url, text (e.g. from `curation extract`)")
     p.add_argument("out", help="output folder: shards/ and downloads.parquet")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--resize-mode", default="keep_ratio")
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--threads", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image side in pixels (default: DownloadConfig.image_size)")
+    p.add_argument("--resize-mode", default=None, help="img2dataset resize mode (default: DownloadConfig.resize_mode)")
+    # Not DownloadConfig's 1: like the downloads asset, the command uses both cores of a laptop.
+    p.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="per process (default: DownloadConfig.threads)")
     p.add_argument("--allow-loopback", action="store_true", help="allow 127.0.0.0/8 (the sample web)")
     p.set_defaults(func=_download)
 
+
+def _add_model_commands(sub: _Subparsers) -> None:
+    """`train-head`, `train-toy-clip` and `score`: train the models and run the CLIP pass."""
     p = sub.add_parser("train-head", help="fit a punsafe / pwatermark / aesthetic head on labelled embeddings")
     p.add_argument("--kind", required=True, choices=("punsafe", "pwatermark", "aesthetic"))
     p.add_argument("--embeddings", required=True, help=".npy of image embeddings (n x d)")
     p.add_argument("--labels", required=True, help=".npy of labels: 0/1, or 0-10 scores for aesthetic")
     p.add_argument("--clip-model", required=True, help="the CLIP model the embeddings come from (recorded)")
-    p.add_argument("--architecture", default="", help="aesthetic: linear (v1, default) or mlp_v2")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--architecture", default=None, help="aesthetic: linear (v1, default) or mlp_v2")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: HeadTrainConfig.epochs)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: HeadTrainConfig.seed)")
     p.add_argument("-o", "--output", required=True, help="checkpoint path (a .json sidecar is written beside it)")
     p.set_defaults(func=_train_head)
 
@@ -317,14 +357,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None)
     p.set_defaults(func=_score)
 
+
+def _add_index_commands(sub: _Subparsers) -> None:
+    """`index build` and `index search`: the faiss index over the kept, deduplicated embeddings."""
     p = sub.add_parser("index", help="build or search the faiss index over kept, deduplicated embeddings")
     isub = p.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="build or update <lake>/index/<modality> from the dedupe survivors")
     b.add_argument("lake")
-    b.add_argument("--modality", choices=("image", "text"), default="image")
-    b.add_argument("--memory-budget-gb", type=float, default=4.0)
-    b.add_argument("--flat-max-vectors", type=int, default=20_000, help="exact search up to this many vectors")
-    b.add_argument("--target-recall", type=float, default=0.96)
+    b.add_argument("--modality", choices=("image", "text"), default=None,
+                   help="which embeddings to index (default: IndexConfig.modality)")
+    b.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="in GiB (default: IndexConfig.memory_budget_bytes)")
+    b.add_argument("--flat-max-vectors", type=int, default=None,
+                   help="exact search up to this many vectors (default: IndexConfig.flat_max_vectors)")
+    b.add_argument("--target-recall", type=float, default=None,
+                   help="recall the index is tuned for (default: IndexConfig.target_recall)")
     b.add_argument("--force", action="store_true", help="retrain from scratch")
     b.set_defaults(func=_index_build)
     q = isub.add_parser("search", help="text-to-image search: top-k hits with uid, url, caption, score")
@@ -337,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="one JSON object per hit")
     q.set_defaults(func=_index_search)
 
+
+def _add_subset_commands(sub: _Subparsers) -> None:
+    """`subset list` and `subset export`: the registered subsets and their releases."""
     p = sub.add_parser("subset", help="list or export named subsets (laion_aesthetic, laion_high_res, yours)")
     ssub = p.add_subparsers(dest="subset_command", required=True)
     s = ssub.add_parser("list", help="the registered subsets and their latest releases")
@@ -349,14 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
     s.add_argument("--registry", default=None, help="YAML/JSON file with more subset definitions")
     s.set_defaults(func=_subset_export)
-
-    from curation.phash import add_phash_parser
-
-    add_phash_parser(sub)
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        ep.load()(sub)
-    return parser
 
 
 def _refusals() -> tuple[type[Exception], ...]:

@@ -31,7 +31,7 @@ import re
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -44,12 +44,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from curation import records as R
 from curation.io import atomic_path, filesystem
 from curation.layout import IMG_EMB_FILE, TEXT_EMB_FILE, UIDS_FILE, join
+from curation.models import register_model_configs
 from curation.phash import IMG_SIZE as THUMB
 from curation.phash import hash_thumbnails, thumbnail
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode formats, first found wins
 
 CLIP_SCHEMA = pa.schema([
     (R.UID, pa.int64()),
@@ -143,6 +143,14 @@ class LoadedClip:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return autocast_context(self.device, self.precision)
 
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 256) -> np.ndarray:
+        """L2-normalised image embeddings of PIL images, [n, d] float32, in input order."""
+        return embed_images(self.model, self.preprocess, images, batch_size=batch_size, precision=self.precision)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 1024) -> np.ndarray:
+        """L2-normalised text embeddings of captions, [n, d] float32, in input order."""
+        return embed_texts(self.model, self.tokenizer, texts, batch_size=batch_size, precision=self.precision)
+
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """CUDA autocast for fp16/bf16, a no-op for fp32."""
@@ -153,9 +161,11 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def load_clip(config: ClipPassConfig) -> LoadedClip:
-    """Build the open_clip model named by `config` (weights from `pretrained`, or random when None)."""
+    """Build the open_clip model named by `config` (weights from `pretrained`, or random when None); the
+    package's own architecture configs (`curation.models`) are registered first."""
     import open_clip
 
+    register_model_configs()
     started = time.perf_counter()
     device = config.resolve_device()
     precision = config.resolve_precision(device)
@@ -216,100 +226,6 @@ def embed_texts(model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], 
             feats = model.encode_text(tokens)  # type: ignore[operator]
         out.append(_normalize(feats).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Zero-shot prompt tags (LAION-400M `NSFW` column)
-
-TAG_UNLIKELY = "UNLIKELY"
-TAG_UNSURE = "UNSURE"
-TAG_NSFW = "NSFW"
-
-# LAION-400M's neutral prompts (reference/laion-pipeline.md §7).
-NEUTRAL_PROMPTS: tuple[str, ...] = (
-    "neutral", "selfie", "illustration, drawing", "toys, play, kids, children", "teddy bear, puppet",
-    "animal, bird, mammal, insect", "fashion, clothes", "logo, commercial, ad, advertisement",
-    "drawing, painting", "anime, cartoon", "comedy, fun", "romance, love story",
-    "thriller, suspense, crime story", "action, action movie", "horror, monster movie", "documentary",
-    "news, journalism", "entertainment", "talk show",
-)
-# Our own sexual-content prompts, in clinical wording; users bring sets that fit their model and language.
-SEXUAL_PROMPTS: tuple[str, ...] = (
-    "sexually explicit content",
-    "explicit sexual activity between adults",
-    "pornographic photograph",
-    "full nudity, naked body",
-    "partial nudity, exposed breasts",
-    "exposed genitals",
-    "erotic photograph",
-    "sexually suggestive pose, sexy, hot",
-    "adult content, not safe for work",
-    "explicit sexual illustration or drawing",
-    "explicit sexual anime or cartoon, hentai",
-    "erotic lingerie photo shoot",
-)
-DEFAULT_PROMPT_SETS: dict[str, tuple[str, ...]] = {"neutral": NEUTRAL_PROMPTS, "sexual": SEXUAL_PROMPTS}
-DEFAULT_UNSAFE_SETS: tuple[str, ...] = ("sexual",)
-
-
-def zero_shot_tags(img_emb: np.ndarray, text_emb_of_prompts: np.ndarray, labels: Sequence[str], *,
-                   k: int = 2, temperature: float = 100.0) -> tuple[list[tuple[str, ...]], np.ndarray]:
-    """Top-k prompt labels per image by softmax(temperature · img · textᵀ) over L2-normalised vectors.
-
-    `labels[j]` is the label of prompt row j (several prompts may share a label). Returns, per image, the
-    labels of its k most probable prompts (best first) and their probabilities, [n, k] float32.
-    """
-    img = np.asarray(img_emb, dtype=np.float32)
-    txt = np.asarray(text_emb_of_prompts, dtype=np.float32)
-    if txt.ndim != 2 or len(labels) != txt.shape[0]:
-        raise ValueError(f"need one label per prompt embedding: {len(labels)} labels, {txt.shape[0]} prompts")
-    if not 1 <= k <= txt.shape[0]:
-        raise ValueError(f"k must be in [1, {txt.shape[0]}], got {k}")
-    if img.shape[0] == 0:
-        return [], np.zeros((0, k), np.float32)
-    logits = temperature * img @ txt.T
-    logits -= logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    top_labels = [tuple(labels[j] for j in row) for row in top]
-    return top_labels, np.take_along_axis(probs, top, axis=1).astype(np.float32)
-
-
-def tag_from_top_labels(top: Sequence[str], unsafe_sets: Collection[str]) -> str:
-    """LAION-400M's rule on the top-2 labels: all safe -> UNLIKELY, all unsafe -> NSFW, else UNSURE."""
-    flags = [label in unsafe_sets for label in top]
-    if not any(flags):
-        return TAG_UNLIKELY
-    return TAG_NSFW if all(flags) else TAG_UNSURE
-
-
-def nsfw_tags(img_emb: np.ndarray, prompt_sets: Mapping[str, Sequence[str]] | None, model: torch.nn.Module,
-              tokenizer: Callable[..., torch.Tensor], *, unsafe_sets: Collection[str] = DEFAULT_UNSAFE_SETS,
-              k: int = 2) -> list[str]:
-    """LAION-400M-style UNLIKELY/UNSURE/NSFW tag per image embedding, from prompt sets defined by label.
-
-    `prompt_sets` maps a set label to its prompts (None: `DEFAULT_PROMPT_SETS`); every prompt carries its
-    set's label, so the decision never depends on prompt positions. Labels in `unsafe_sets` count as
-    unsafe (default: "sexual"); any other set (e.g. "neutral") counts as safe. Plug in another concept,
-    such as the sample web's "hazard", by passing it as a set and naming it in `unsafe_sets`.
-    """
-    sets = dict(DEFAULT_PROMPT_SETS if prompt_sets is None else prompt_sets)
-    missing = [name for name in unsafe_sets if name not in sets]
-    if missing:
-        raise ValueError(f"unsafe_sets {missing} are not among the prompt sets {sorted(sets)}")
-    if not any(name not in unsafe_sets for name in sets):
-        raise ValueError("need at least one safe (e.g. 'neutral') prompt set besides the unsafe ones")
-    prompts: list[str] = []
-    labels: list[str] = []
-    for label, texts in sets.items():
-        if isinstance(texts, str) or not texts:
-            raise ValueError(f"prompt set {label!r} must be a non-empty list of prompts")
-        prompts.extend(texts)
-        labels.extend([label] * len(texts))
-    prompt_emb = embed_texts(model, tokenizer, prompts)
-    top, _ = zero_shot_tags(img_emb, prompt_emb, labels, k=k)
-    return [tag_from_top_labels(t, unsafe_sets) for t in top]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,7 +327,7 @@ class ShardSamples(IterableDataset[Decoded]):
                 raise ShardMismatchError(
                     f"shard {shard} key {key} holds uid {meta_uid} but the downloads table says {uid}: "
                     f"the shards in {self.shards_dir} are not this downloads table's; rerun the download")
-        data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        data = next((sample[ext] for ext in R.IMAGE_EXTENSIONS if ext in sample), None)
         if data is None:
             return Decoded(uid, None, "no image file in sample")
         try:
@@ -481,16 +397,9 @@ def _save_npy(array: np.ndarray, path: str) -> None:
         np.save(f, array)
 
 
-def run_clip_pass(shards_dir: str, pairs: pa.Table, downloads: pa.Table, out_dir: str, config: ClipPassConfig,
-                  *, clip: LoadedClip | None = None) -> ClipPassResult:
-    """Embed a partition's downloaded images and captions, score them and decide what to keep.
-
-    `pairs` needs uid, text, language; `downloads` is the downloads stage table (its success rows name
-    the samples in `<shards_dir>/<shard>.tar`). Writes img_emb.npy, text_emb.npy and uids.npy atomically
-    into `out_dir` (see the module docstring) and returns one row per pair. `clip` reuses a loaded model
-    (else one is built from `config`). Raises on systemic faults only: missing columns, duplicate uids, a
-    missing tar, or shards that disagree with the downloads table.
-    """
+def _work_list(shards_dir: str, pairs: pa.Table,
+               downloads: pa.Table) -> tuple[dict[int, int], dict[str, dict[str, int]]]:
+    """Check the inputs; return (uid -> row in pairs, shard -> {key: uid} of the downloaded samples)."""
     for name, table, cols in (("pairs", pairs, (R.UID, R.TEXT, R.LANGUAGE)),
                               ("downloads", downloads, (R.UID, R.STATUS, R.SHARD, R.KEY))):
         absent = [c for c in cols if c not in table.column_names]
@@ -509,33 +418,61 @@ def run_clip_pass(shards_dir: str, pairs: pa.Table, downloads: pa.Table, out_dir
     missing = [s for s in expected if not fs.exists(f"{root.rstrip('/')}/{s}.tar")]
     if missing:
         raise FileNotFoundError(f"shards {missing[:5]} listed as downloaded are missing from {shards_dir}")
+    return position, expected
 
-    clip = clip or load_clip(config)
-    device = clip.device
-    started = time.perf_counter()
 
-    # Captions of every expected sample, in pairs order. Their text batches are interleaved with the image
-    # batches, so the text tower runs while the workers decode (on CUDA nothing here waits for the GPU).
-    texts = pairs.column(R.TEXT).to_pylist()
-    text_uids = sorted((u for keys in expected.values() for u in keys.values()), key=position.__getitem__)
-    captions = [texts[position[u]] or "" for u in text_uids]
-    text_step = config.text_batch_size
-    text_starts = iter(range(0, len(captions), text_step))
-    text_chunks: list[torch.Tensor] = []
-    autocast = clip.autocast()
+class _TextBatches:
+    """Captions -> text-tower embeddings, one batch per `step()`; on CUDA the copies back do not wait."""
 
-    def next_text_batch() -> bool:
-        i = next(text_starts, None)
+    def __init__(self, clip: LoadedClip, captions: list[str], batch_size: int,
+                 autocast: contextlib.AbstractContextManager[Any]) -> None:
+        self.clip = clip
+        self.captions = captions
+        self.batch_size = batch_size
+        self.autocast = autocast
+        self.starts = iter(range(0, len(captions), batch_size))
+        self.chunks: list[torch.Tensor] = []  # pending device->host copies, in caption order
+
+    def step(self) -> bool:
+        """Embed the next batch of captions (False when none is left)."""
+        i = next(self.starts, None)
         if i is None:
             return False
-        tokens = clip.tokenizer(captions[i:i + text_step]).to(device, non_blocking=True)
-        with torch.inference_mode(), autocast:
-            feats = clip.model.encode_text(tokens)  # type: ignore[operator]
-        text_chunks.append(_normalize(feats).to("cpu", non_blocking=True))
+        tokens = self.clip.tokenizer(self.captions[i:i + self.batch_size]).to(self.clip.device, non_blocking=True)
+        with torch.inference_mode(), self.autocast:
+            feats = self.clip.model.encode_text(tokens)  # type: ignore[operator]
+        self.chunks.append(_normalize(feats).to("cpu", non_blocking=True))
         return True
 
+    def land(self) -> np.ndarray:
+        """All caption embeddings embedded so far, [n, d] float32 in caption order."""
+        if not self.chunks:
+            return np.zeros((0, self.clip.embed_dim), np.float32)
+        return _land(self.chunks, self.clip.device)
+
+
+@dataclass
+class _Embedded:
+    """What the loader loop produced: image rows in arrival order, caption rows in caption order, timings."""
+
+    img_chunks: list[np.ndarray]
+    uid_chunks: list[np.ndarray]  # uid_chunks[i][j] is the uid of img_chunks[i][j]
+    thumb_chunks: list[np.ndarray]
+    failed: dict[int, str]  # uid -> decode error
+    text_emb: np.ndarray
+    seconds_decode_wait: float
+    seconds_model: float
+    seconds_text: float
+
+
+def _embed_partition(shards_dir: str, expected: Mapping[str, Mapping[str, int]], captions: list[str],
+                     clip: LoadedClip, config: ClipPassConfig) -> _Embedded:
+    """Shards and captions -> image and text embeddings, text batches interleaved with the image batches."""
+    device = clip.device
+    autocast = clip.autocast()
+    texts = _TextBatches(clip, captions, config.text_batch_size, autocast)
     dataset = ShardSamples(shards_dir, expected, clip.preprocess)
-    workers = min(config.num_workers, len(text_uids))
+    workers = min(config.num_workers, len(captions))
     loader = DataLoader(dataset, batch_size=config.batch_size, num_workers=workers, collate_fn=collate_samples,
                         pin_memory=device.type == "cuda",
                         prefetch_factor=config.prefetch_factor if workers > 0 else None)
@@ -559,17 +496,33 @@ def run_clip_pass(shards_dir: str, pairs: pa.Table, downloads: pa.Table, out_dir
                 img_chunks.append(_land(in_flight, device))
         mid = time.perf_counter()
         model_s += mid - got
-        next_text_batch()
+        texts.step()  # the text tower runs while the workers decode the next image batches
         tick = time.perf_counter()
         text_s += tick - mid
-    while next_text_batch():
+    while texts.step():
         pass
     if in_flight:
         img_chunks.append(_land(in_flight, device))
-    texts_landed = _land(text_chunks, device) if text_chunks else np.zeros((0, clip.embed_dim), np.float32)
+    text_emb = texts.land()
     text_s += time.perf_counter() - tick
+    return _Embedded(img_chunks, uid_chunks, thumb_chunks, failed, text_emb, wait, model_s, text_s)
 
-    seen = np.concatenate(uid_chunks) if uid_chunks else np.zeros(0, np.int64)
+
+class _Aligned(NamedTuple):
+    """The embedded pairs' rows in pairs order: uids, both embeddings, and the arrival -> pairs permutation."""
+
+    uids: np.ndarray
+    img_emb: np.ndarray
+    text_emb: np.ndarray
+    order: np.ndarray  # row i of the outputs is arrival row order[i]
+    dim: int
+
+
+def _in_pairs_order(embedded: _Embedded, text_uids: list[int], position: Mapping[int, int], shards_dir: str,
+                    embed_dim: int) -> _Aligned:
+    """Loop output + the captions' uids -> the embedded rows in pairs order; raises if samples are missing."""
+    seen = np.concatenate(embedded.uid_chunks) if embedded.uid_chunks else np.zeros(0, np.int64)
+    failed = embedded.failed
     if len(seen) + len(failed) != len(text_uids) or len(set(seen.tolist()) | set(failed)) != len(text_uids):
         raise ShardMismatchError(f"expected {len(text_uids)} samples in {shards_dir}, decoded {len(seen)} and "
                                  f"failed {len(failed)} distinct ones: the shards lack samples the downloads "
@@ -577,24 +530,57 @@ def run_clip_pass(shards_dir: str, pairs: pa.Table, downloads: pa.Table, out_dir
     # Pairs order makes reruns write identical files, whatever order the workers finished in.
     order = np.argsort(np.array([position[u] for u in seen.tolist()], dtype=np.int64), kind="stable")
     uids = seen[order]
-    dim = clip.embed_dim
-    img_emb = np.concatenate(img_chunks)[order] if img_chunks else np.zeros((0, dim), np.float32)
-    dim = img_emb.shape[1] if img_emb.size else dim
+    img_emb = (np.concatenate(embedded.img_chunks)[order] if embedded.img_chunks
+               else np.zeros((0, embed_dim), np.float32))
+    dim = img_emb.shape[1] if img_emb.size else embed_dim
     text_row = {u: i for i, u in enumerate(text_uids)}  # decode failures' captions are embedded, then dropped
-    text_emb = texts_landed[[text_row[u] for u in uids.tolist()]] if len(uids) else np.zeros((0, dim), np.float32)
-    similarity = np.einsum("nd,nd->n", img_emb, text_emb).astype(np.float32)
+    text_emb = (embedded.text_emb[[text_row[u] for u in uids.tolist()]] if len(uids)
+                else np.zeros((0, dim), np.float32))
+    return _Aligned(uids, img_emb, text_emb, order, dim)
 
-    write_started = time.perf_counter()
+
+def _write_embeddings(out_dir: str, aligned: _Aligned) -> dict[str, str]:
+    """Aligned rows -> img_emb.npy, text_emb.npy (float16) and uids.npy (int64) in out_dir; returns their paths."""
     files = {"img_emb": join(out_dir, IMG_EMB_FILE), "text_emb": join(out_dir, TEXT_EMB_FILE),
              "uids": join(out_dir, UIDS_FILE)}
-    _save_npy(img_emb.astype(np.float16), files["img_emb"])
-    _save_npy(text_emb.astype(np.float16), files["text_emb"])
-    _save_npy(uids.astype(np.int64), files["uids"])
+    _save_npy(aligned.img_emb.astype(np.float16), files["img_emb"])
+    _save_npy(aligned.text_emb.astype(np.float16), files["text_emb"])
+    _save_npy(aligned.uids.astype(np.int64), files["uids"])
+    return files
+
+
+def run_clip_pass(shards_dir: str, pairs: pa.Table, downloads: pa.Table, out_dir: str, config: ClipPassConfig,
+                  *, clip: LoadedClip | None = None) -> ClipPassResult:
+    """Embed a partition's downloaded images and captions, score them and decide what to keep.
+
+    `pairs` needs uid, text, language; `downloads` is the downloads stage table (its success rows name
+    the samples in `<shards_dir>/<shard>.tar`). Writes img_emb.npy, text_emb.npy and uids.npy atomically
+    into `out_dir` (see the module docstring) and returns one row per pair. `clip` reuses a loaded model
+    (else one is built from `config`). Raises on systemic faults only: missing columns, duplicate uids, a
+    missing tar, or shards that disagree with the downloads table.
+    """
+    position, expected = _work_list(shards_dir, pairs, downloads)
+    clip = clip or load_clip(config)
+    started = time.perf_counter()
+
+    # Captions of every expected sample, in pairs order. Their text batches are interleaved with the image
+    # batches, so the text tower runs while the workers decode (on CUDA nothing here waits for the GPU).
+    texts = pairs.column(R.TEXT).to_pylist()
+    text_uids = sorted((u for keys in expected.values() for u in keys.values()), key=position.__getitem__)
+    captions = [texts[position[u]] or "" for u in text_uids]
+    embedded = _embed_partition(shards_dir, expected, captions, clip, config)
+    aligned = _in_pairs_order(embedded, text_uids, position, shards_dir, clip.embed_dim)
+    uids = aligned.uids
+    similarity = np.einsum("nd,nd->n", aligned.img_emb, aligned.text_emb).astype(np.float32)
+
+    write_started = time.perf_counter()
+    files = _write_embeddings(out_dir, aligned)
     write_s = time.perf_counter() - write_started
 
-    thumbs = np.concatenate(thumb_chunks) if thumb_chunks else np.zeros((0, THUMB, THUMB), np.uint8)
-    phashes = hash_thumbnails(thumbs)[order] if len(uids) else np.zeros(0, np.uint64)
-    table = _result_table(pairs, config, downloads, uids, similarity, failed, phashes)
+    thumbs = (np.concatenate(embedded.thumb_chunks) if embedded.thumb_chunks
+              else np.zeros((0, THUMB, THUMB), np.uint8))
+    phashes = hash_thumbnails(thumbs)[aligned.order] if len(uids) else np.zeros(0, np.uint64)
+    table = _result_table(pairs, config, downloads, uids, similarity, embedded.failed, phashes)
     total = time.perf_counter() - started
     statuses = Counter(table.column(R.STATUS).to_pylist())
     reasons = Counter(r for r in table.column(R.REASON).to_pylist() if r is not None)
@@ -604,14 +590,14 @@ def run_clip_pass(shards_dir: str, pairs: pa.Table, downloads: pa.Table, out_dir
         counts_by_reason=dict(reasons.most_common()),
         n_embedded=len(uids),
         n_kept=int(sum(table.column(R.KEEP).to_pylist())),
-        embed_dim=dim,
-        device=str(device),
+        embed_dim=aligned.dim,
+        device=str(clip.device),
         precision=clip.precision,
         images_per_s=len(uids) / total if total > 0 else 0.0,
         seconds_total=total,
-        seconds_decode_wait=wait,
-        seconds_model=model_s,
-        seconds_text=text_s,
+        seconds_decode_wait=embedded.seconds_decode_wait,
+        seconds_model=embedded.seconds_model,
+        seconds_text=embedded.seconds_text,
         seconds_write=write_s,
         files=files,
     )

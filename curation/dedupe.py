@@ -58,25 +58,14 @@ from curation import io
 from curation import records as R
 from curation.hamming import BITS, HammingIndex
 from curation.layout import IMG_EMB_FILE, UIDS_FILE, Lake, Partition, join
-from curation.phash import PHASH, to_hex
+from curation.phash import to_hex
 
-# Dedupe reasons, strongest first; `reason` is null for survivors.
-DUPLICATE_URL_TEXT = "duplicate_url_text"
-DUPLICATE_BYTES = "duplicate_bytes"
-NEAR_DUPLICATE_PHASH = "near_duplicate_phash"
-NEAR_DUPLICATE_EMBEDDING = "near_duplicate_embedding"
-LAYERS = (DUPLICATE_URL_TEXT, DUPLICATE_BYTES, NEAR_DUPLICATE_PHASH, NEAR_DUPLICATE_EMBEDDING)
-
-# Columns of the `dedupe` table (besides uid, crawl, segment, reason from records).
-CLUSTER_ID = "cluster_id"
-CLUSTER_SIZE = "cluster_size"
-SURVIVOR = "survivor"
 DEDUPE_SCHEMA = pa.schema([
     (R.UID, pa.int64()),
-    (PHASH, pa.string()),  # imagehash's str(): 16 hex digits; null when the image has no pHash
-    (CLUSTER_ID, pa.int64()),
-    (CLUSTER_SIZE, pa.int32()),
-    (SURVIVOR, pa.bool_()),
+    (R.PHASH, pa.string()),  # imagehash's str(): 16 hex digits; null when the image has no pHash
+    (R.CLUSTER_ID, pa.int64()),
+    (R.CLUSTER_SIZE, pa.int32()),
+    (R.SURVIVOR, pa.bool_()),
     (R.REASON, pa.string()),
     (R.CRAWL, pa.string()),
     (R.SEGMENT, pa.string()),
@@ -101,7 +90,7 @@ NODES_SCHEMA = pa.schema([
     (R.UID, pa.int64()),
     (URL_TEXT_KEY, pa.string()),
     (R.SHA256, pa.string()),
-    (PHASH, pa.int64()),
+    (R.PHASH, pa.int64()),
     (R.SIMILARITY, pa.float32()),
     (R.ORIGINAL_WIDTH, pa.int32()),
     (R.ORIGINAL_HEIGHT, pa.int32()),
@@ -219,7 +208,7 @@ def verify_dedupe(lake_root: str, partitions: Sequence[Partition]) -> dict[str, 
 
     "clusters", over every partition of the state plus `partitions`: each cluster_id has exactly one survivor,
     whose uid is the cluster_id; cluster_size equals the rows sharing the cluster_id; reason is null exactly on
-    survivors and otherwise one of LAYERS. "rows", per listed partition: a dedupe marker exists and the table
+    survivors and otherwise one of R.DEDUPE_LAYERS. "rows", per listed partition: a dedupe marker exists and the table
     holds exactly one row per participating clip row (keep=True, or status ok without only_kept).
     """
     lake = Lake(lake_root)
@@ -251,10 +240,10 @@ def verify_dedupe(lake_root: str, partitions: Sequence[Partition]) -> dict[str, 
     if not tables:
         return out
     rows = pa.concat_tables(tables)
-    cid = rows.column(CLUSTER_ID).to_numpy()
+    cid = rows.column(R.CLUSTER_ID).to_numpy()
     uid = rows.column(R.UID).to_numpy()
-    survivor = np.asarray(rows.column(SURVIVOR).to_numpy(zero_copy_only=False), dtype=bool)
-    size = rows.column(CLUSTER_SIZE).to_numpy()
+    survivor = np.asarray(rows.column(R.SURVIVOR).to_numpy(zero_copy_only=False), dtype=bool)
+    size = rows.column(R.CLUSTER_SIZE).to_numpy()
     reason = rows.column(R.REASON).to_pylist()
     ids, inverse, counts = np.unique(cid, return_inverse=True, return_counts=True)
     survivors = np.bincount(inverse, weights=survivor, minlength=len(ids)).astype(np.int64)
@@ -266,7 +255,7 @@ def verify_dedupe(lake_root: str, partitions: Sequence[Partition]) -> dict[str, 
         out["clusters"].append(f"uid {uid[i]}: cluster_size {size[i]}, but {counts[inverse][i]} rows share "
                                f"cluster {cid[i]}")
     bad = [i for i, (r, s) in enumerate(zip(reason, survivor.tolist(), strict=True))
-           if (r is None) != s or (r is not None and r not in LAYERS)]
+           if (r is None) != s or (r is not None and r not in R.DEDUPE_LAYERS)]
     out["clusters"] += [f"uid {uid[i]}: survivor={bool(survivor[i])} with reason {reason[i]!r}" for i in bad[:20]]
     return out
 
@@ -398,7 +387,7 @@ def _read_columns(path: str, columns: Sequence[str]) -> pa.Table:
 def _read_partition(lake: Lake, part: Partition, config: DedupeConfig) -> pa.Table:
     """The nodes of one finished partition (NODES_SCHEMA), in clip-table order."""
     clip_path = lake.table("clip", part)
-    clip = _read_columns(clip_path, (R.UID, R.SIMILARITY, R.KEEP, R.STATUS, PHASH))
+    clip = _read_columns(clip_path, (R.UID, R.SIMILARITY, R.KEEP, R.STATUS, R.PHASH))
     if config.only_kept:
         mask = pc.fill_null(clip.column(R.KEEP), False)
     else:
@@ -425,7 +414,7 @@ def _read_partition(lake: Lake, part: Partition, config: DedupeConfig) -> pa.Tab
         R.UID: pa.array(uids, pa.int64()),
         URL_TEXT_KEY: pa.array(keys, pa.string()),
         R.SHA256: downloads.column(R.SHA256).take(at).cast(pa.string()),
-        PHASH: clip.column(PHASH).cast(pa.int64()),
+        R.PHASH: clip.column(R.PHASH).cast(pa.int64()),
         R.SIMILARITY: clip.column(R.SIMILARITY).cast(pa.float32()),
         R.ORIGINAL_WIDTH: downloads.column(R.ORIGINAL_WIDTH).take(at).cast(pa.int32()),
         R.ORIGINAL_HEIGHT: downloads.column(R.ORIGINAL_HEIGHT).take(at).cast(pa.int32()),
@@ -466,7 +455,7 @@ def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 
 def _present_hashes(nodes: pa.Table) -> np.ndarray:
-    col = nodes.column(PHASH).combine_chunks()
+    col = nodes.column(R.PHASH).combine_chunks()
     return _distinct(_u64(col.drop_null().to_numpy()))
 
 
@@ -593,7 +582,7 @@ class _Clusters:
     cluster_id: np.ndarray  # int64 [n]
     cluster_size: np.ndarray  # int32 [n]
     survivor: np.ndarray  # bool [n]
-    reason: np.ndarray  # int8 [n]: index into LAYERS, -1 for survivors
+    reason: np.ndarray  # int8 [n]: index into R.DEDUPE_LAYERS, -1 for survivors
     label: np.ndarray  # int64 [n]: component
     rank_in_cluster: np.ndarray  # int64 [n]: 0 for the survivor, then the survivor order
     edges_by_layer: dict[str, int]
@@ -608,21 +597,21 @@ def _cluster(nodes: pa.Table, ranks: np.ndarray, phash_edges: pa.Table, embeddin
         return _Clusters(none, none.astype(np.int32), none.astype(bool), none.astype(np.int8), none, none, {})
     uid = nodes.column(R.UID).to_numpy()
     links: list[tuple[np.ndarray, np.ndarray]] = []
-    has = np.zeros((len(LAYERS), n), dtype=bool)
+    has = np.zeros((len(R.DEDUPE_LAYERS), n), dtype=bool)
     counts: dict[str, int] = {}
 
     def link(layer: str, a: np.ndarray, b: np.ndarray) -> None:
         links.append((a, b))
-        has[LAYERS.index(layer)] |= _linked(n, a, b)
+        has[R.DEDUPE_LAYERS.index(layer)] |= _linked(n, a, b)
         counts[layer] = counts.get(layer, 0) + len(a)
 
-    link(DUPLICATE_URL_TEXT, *_equal_links(_codes(nodes.column(URL_TEXT_KEY))))
-    link(DUPLICATE_BYTES, *_equal_links(_codes(nodes.column(R.SHA256))))
+    link(R.DUPLICATE_URL_TEXT, *_equal_links(_codes(nodes.column(URL_TEXT_KEY))))
+    link(R.DUPLICATE_BYTES, *_equal_links(_codes(nodes.column(R.SHA256))))
 
-    phash_col = nodes.column(PHASH).combine_chunks()
+    phash_col = nodes.column(R.PHASH).combine_chunks()
     has_phash = ~np.asarray(phash_col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     hashes = _u64(phash_col.fill_null(0).to_numpy())
-    link(NEAR_DUPLICATE_PHASH, *_equal_links(np.where(has_phash, _codes(phash_col), -1)))
+    link(R.NEAR_DUPLICATE_PHASH, *_equal_links(np.where(has_phash, _codes(phash_col), -1)))
     with_hash = np.flatnonzero(has_phash)
     by_value = with_hash[np.argsort(hashes[with_hash], kind="stable")]
     first = np.r_[True, hashes[by_value[1:]] != hashes[by_value[:-1]]] if len(by_value) else np.zeros(0, bool)
@@ -631,13 +620,13 @@ def _cluster(nodes: pa.Table, ranks: np.ndarray, phash_edges: pa.Table, embeddin
     ea, eb = _u64(phash_edges.column(HASH_A).to_numpy()), _u64(phash_edges.column(HASH_B).to_numpy())
     if len(ea):
         pa_, pb_ = np.searchsorted(values, ea), np.searchsorted(values, eb)
-        link(NEAR_DUPLICATE_PHASH, holder[pa_], holder[pb_])  # other holders of a value are chained to it above
+        link(R.NEAR_DUPLICATE_PHASH, holder[pa_], holder[pb_])  # other holders of a value are chained to it above
 
     if embedding_edges.num_rows:
         starts = np.searchsorted(ranks, np.arange(len(order) + 1))
         a = _locate(embedding_edges, "a", uid, starts, order)
         b = _locate(embedding_edges, "b", uid, starts, order)
-        link(NEAR_DUPLICATE_EMBEDDING, a, b)
+        link(R.NEAR_DUPLICATE_EMBEDDING, a, b)
 
     all_a = np.concatenate([x for x, _ in links] + [np.zeros(0, np.int64)])
     all_b = np.concatenate([y for _, y in links] + [np.zeros(0, np.int64)])
@@ -693,14 +682,14 @@ def _output_digest(config: dict[str, Any], uid: np.ndarray, hashes: np.ndarray, 
 def _output_table(part: Partition, uid: np.ndarray, hashes: np.ndarray, has_phash: np.ndarray,
                   clusters: _Clusters, rows: slice) -> pa.Table:
     n = len(uid[rows])
-    reasons = [LAYERS[r] if r >= 0 else None for r in clusters.reason[rows].tolist()]
+    reasons = [R.DEDUPE_LAYERS[r] if r >= 0 else None for r in clusters.reason[rows].tolist()]
     hexes = [to_hex(h) if ok else None for h, ok in zip(hashes[rows].tolist(), has_phash[rows].tolist(), strict=True)]
     return pa.table({
         R.UID: pa.array(uid[rows], pa.int64()),
-        PHASH: pa.array(hexes, pa.string()),
-        CLUSTER_ID: pa.array(clusters.cluster_id[rows], pa.int64()),
-        CLUSTER_SIZE: pa.array(clusters.cluster_size[rows], pa.int32()),
-        SURVIVOR: pa.array(clusters.survivor[rows], pa.bool_()),
+        R.PHASH: pa.array(hexes, pa.string()),
+        R.CLUSTER_ID: pa.array(clusters.cluster_id[rows], pa.int64()),
+        R.CLUSTER_SIZE: pa.array(clusters.cluster_size[rows], pa.int32()),
+        R.SURVIVOR: pa.array(clusters.survivor[rows], pa.bool_()),
         R.REASON: pa.array(reasons, pa.string()),
         R.CRAWL: pa.array([part.crawl] * n, pa.string()),
         R.SEGMENT: pa.array([part.segment] * n, pa.string()),
@@ -713,7 +702,7 @@ def _write_table(lake: Lake, part: Partition, table: pa.Table, config: dict[str,
     io.remove(lake.marker("dedupe", part))
     io.write_parquet(table, lake.table("dedupe", part))
     reasons = Counter(r for r in table.column(R.REASON).to_pylist() if r is not None)
-    survivors = int(pc.sum(table.column(SURVIVOR)).as_py() or 0)
+    survivors = int(pc.sum(table.column(R.SURVIVOR)).as_py() or 0)
     return {"rows": table.num_rows, "survivors": survivors, "duplicates": table.num_rows - survivors,
             "by_reason": dict(sorted(reasons.items())), "config": config}
 
@@ -731,7 +720,7 @@ def _examples(lake: Lake, nodes: pa.Table, clusters: _Clusters, count: int, memb
     cid = np.zeros(n_labels, dtype=np.int64)
     cid[label] = clusters.cluster_id
     queues: list[list[int]] = []
-    for layer in reversed(range(len(LAYERS))):
+    for layer in reversed(range(len(R.DEDUPE_LAYERS))):
         candidates = np.flatnonzero((weakest == layer) & (sizes >= 2))
         queues.append(candidates[np.lexsort((cid[candidates], -sizes[candidates]))][:count].tolist())
     chosen = [q[i] for i in range(count) for q in queues if i < len(q)][:count]
@@ -760,82 +749,144 @@ def _examples(lake: Lake, nodes: pa.Table, clusters: _Clusters, count: int, memb
 # ----------------------------------------------------------------------------------------------- the run
 
 
+class _Graph(NamedTuple):
+    """Nodes and stored links, in the state's schemas."""
+
+    nodes: pa.Table
+    phash_edges: pa.Table
+    embedding_edges: pa.Table
+
+
+@dataclass
+class _Plan:
+    """What a run starts from and what it changes, decided from the state and the input digests."""
+
+    rebuild: bool  # the state was built under another config
+    kept: _Graph  # the state's tables, before the changed and forgotten partitions are dropped
+    meta: dict[str, dict[str, str]]  # the new state's partitions: key -> {"input": digest, "output": digest}
+    changed: list[Partition]  # partitions to read: new ones and ones whose input digest changed
+    forgotten: list[str]  # keys of the state's partitions to remove
+    added: tuple[str, ...]
+    updated: tuple[str, ...]
+
+
 def _sync(lake: Lake, add: list[Partition], forget: list[Partition], config: DedupeConfig,
           examples: int) -> DedupeResult:
+    """Add or replace `add`, remove `forget`, re-cluster and write what changed (see `dedupe_lake`)."""
     started = time.perf_counter()
     cfg = asdict(config)
     state = _load_state(lake)
+    plan = _plan_run(lake, state, add, forget, cfg)
+    kept = _drop_partitions(plan.kept, [p.key for p in plan.changed] + plan.forgotten)
+    new_nodes = (pa.concat_tables([_read_partition(lake, p, config) for p in plan.changed]) if plan.changed
+                 else _empty(NODES_SCHEMA))
+    phash_edges, phash_values_searched = _merge_phash_edges(kept, new_nodes, config.radius)
+    order = sorted((Partition.from_key(k) for k in plan.meta), key=_sort_key)
+    embedding_edges, embedding_queries = _merge_embedding_edges(lake, kept, new_nodes, order, config)
+    nodes = _canonical(pa.concat_tables([kept.nodes, new_nodes]), order)
+    ranks = _partition_ranks(nodes, order)
+    clusters = _cluster(nodes, ranks, phash_edges, embedding_edges, order)
+
+    for key in plan.forgotten:
+        io.clear_partition(lake.partition_dir("dedupe", Partition.from_key(key)))
+    markers = _write_tables(lake, nodes, ranks, order, clusters, plan.meta, cfg)
+    # Tables, then the state (the commit point), then their markers: every dedupe partition a reader sees agrees
+    # with the committed state. A crash before the markers leaves the rewritten partitions hidden; the next run
+    # finds their markers missing and writes them again.
+    if state is None or plan.rebuild or plan.changed or plan.forgotten or plan.meta != state.partitions:
+        generation = (state.generation if state is not None else 0) + 1
+        _commit_state(lake, _State(generation, cfg, plan.meta, nodes, phash_edges, embedding_edges))
+    else:
+        generation = state.generation
+        _drop_other_generations(state_dir(lake.root), generation)
+    for part, marker in markers:
+        io.write_marker(lake.partition_dir("dedupe", part), marker)
+    return _result(lake, plan, nodes, clusters, examples, partitions=len(order),
+                   rewritten=tuple(part.key for part, _ in markers), phash_values_searched=phash_values_searched,
+                   embedding_queries=embedding_queries, generation=generation, started=started)
+
+
+def _plan_run(lake: Lake, state: _State | None, add: list[Partition], forget: list[Partition],
+              cfg: dict[str, Any]) -> _Plan:
+    """From the loaded state (None before the first run), the partitions to add and to forget and the config:
+    what the run keeps, reads again and removes. Raises FileNotFoundError for an unfinished partition in `add`."""
     known = dict(state.partitions) if state is not None else {}
     forget_keys = {p.key for p in forget}
-    forgotten = sorted(k for k in forget_keys if k in known)
     rebuild = state is not None and state.config != cfg
     if state is None or rebuild:
         # No state yet, or one built under another config: rebuild it from every partition it held.
         add = [*(Partition.from_key(k) for k in known), *add]
         meta: dict[str, dict[str, str]] = {}
-        kept_nodes = _empty(NODES_SCHEMA)
-        kept_phash, kept_emb = _empty(PHASH_EDGES_SCHEMA), _empty(EMBEDDING_EDGES_SCHEMA)
+        kept = _Graph(_empty(NODES_SCHEMA), _empty(PHASH_EDGES_SCHEMA), _empty(EMBEDDING_EDGES_SCHEMA))
     else:
         meta = {k: dict(v) for k, v in known.items() if k not in forget_keys}
-        kept_nodes, kept_phash, kept_emb = state.nodes, state.phash_edges, state.embedding_edges
-    add = sorted({p for p in add if p.key not in forget_keys}, key=_sort_key)
-
+        kept = _Graph(state.nodes, state.phash_edges, state.embedding_edges)
     changed: list[Partition] = []
     digests: dict[str, str] = {}
-    for part in add:
+    for part in sorted({p for p in add if p.key not in forget_keys}, key=_sort_key):
         digests[part.key] = input_digest(lake.root, part)
         if meta.get(part.key, {}).get("input") != digests[part.key]:
             changed.append(part)
-    added = tuple(p.key for p in changed if p.key not in known)
-    updated = tuple(p.key for p in changed if p.key in known)
+    for part in changed:
+        meta[part.key] = {"input": digests[part.key], "output": ""}  # the output digest once its table is written
+    return _Plan(rebuild=rebuild, kept=kept, meta=meta, changed=changed,
+                 forgotten=sorted(k for k in forget_keys if k in known),
+                 added=tuple(p.key for p in changed if p.key not in known),
+                 updated=tuple(p.key for p in changed if p.key in known))
 
-    # Drop replaced and forgotten partitions: their nodes, their embedding edges, pHash edges of vanished values.
-    dropped = pa.array(sorted({p.key for p in changed} | set(forgotten)), pa.string())
-    if len(dropped):
-        kept_nodes = kept_nodes.filter(pc.invert(pc.is_in(_partition_keys(kept_nodes), value_set=dropped)))
-        for end in ("_a", "_b"):
-            kept_emb = kept_emb.filter(pc.invert(pc.is_in(_partition_keys(kept_emb, end), value_set=dropped)))
-        present = _present_hashes(kept_nodes)
-        a, b = _u64(kept_phash.column(HASH_A).to_numpy()), _u64(kept_phash.column(HASH_B).to_numpy())
-        kept_phash = kept_phash.filter(pa.array(_member(a, present) & _member(b, present)))
 
-    new_nodes = (pa.concat_tables([_read_partition(lake, p, config) for p in changed]) if changed
-                 else _empty(NODES_SCHEMA))
-    old_values = _present_hashes(kept_nodes)
+def _drop_partitions(graph: _Graph, keys: Sequence[str]) -> _Graph:
+    """The graph without the nodes of the partitions `keys`, their embedding edges and pHash edges of values no
+    remaining node holds."""
+    dropped = pa.array(sorted(set(keys)), pa.string())
+    if not len(dropped):
+        return graph
+    nodes = graph.nodes.filter(pc.invert(pc.is_in(_partition_keys(graph.nodes), value_set=dropped)))
+    emb = graph.embedding_edges
+    for end in ("_a", "_b"):
+        emb = emb.filter(pc.invert(pc.is_in(_partition_keys(emb, end), value_set=dropped)))
+    present = _present_hashes(nodes)
+    phash = graph.phash_edges
+    a, b = _u64(phash.column(HASH_A).to_numpy()), _u64(phash.column(HASH_B).to_numpy())
+    return _Graph(nodes, phash.filter(pa.array(_member(a, present) & _member(b, present))), emb)
+
+
+def _merge_phash_edges(kept: _Graph, new_nodes: pa.Table, radius: int) -> tuple[pa.Table, int]:
+    """All pHash edges (sorted): the kept ones plus matches of pHash values not yet in `kept.nodes`; and how many
+    values were searched."""
+    old_values = _present_hashes(kept.nodes)
     new_values = _present_hashes(new_nodes)
     new_values = new_values[~_member(new_values, old_values)]
-    fresh_phash = _match_phash(old_values, new_values, config.radius)
-    merged = pa.concat_tables([kept_phash, fresh_phash])
-    phash_edges = _sorted_phash_edges(_u64(merged.column(HASH_A).to_numpy()), _u64(merged.column(HASH_B).to_numpy()),
-                                      merged.column(DISTANCE).to_numpy())
+    merged = pa.concat_tables([kept.phash_edges, _match_phash(old_values, new_values, radius)])
+    edges = _sorted_phash_edges(_u64(merged.column(HASH_A).to_numpy()), _u64(merged.column(HASH_B).to_numpy()),
+                                merged.column(DISTANCE).to_numpy())
+    return edges, len(new_values) if radius > 0 else 0
 
-    for part in changed:
-        meta[part.key] = {"input": digests[part.key], "output": ""}
-    order = sorted((Partition.from_key(k) for k in meta), key=_sort_key)
-    embedding_edges = kept_emb
-    embedding_queries = 0
-    if config.use_embeddings and new_nodes.num_rows:
-        old_sorted, new_sorted = _canonical(kept_nodes, order), _canonical(new_nodes, order)
-        old_ranks, new_ranks = _partition_ranks(old_sorted, order), _partition_ranks(new_sorted, order)
-        fresh_emb = _match_embeddings(
-            (old_sorted, old_ranks, _embeddings_of(lake, old_sorted, old_ranks, order)),
-            (new_sorted, new_ranks, _embeddings_of(lake, new_sorted, new_ranks, order)),
-            config.embedding_threshold)
-        embedding_edges = _sort_embedding_edges(pa.concat_tables([kept_emb, fresh_emb]))
-        embedding_queries = new_nodes.num_rows
 
-    nodes = _canonical(pa.concat_tables([kept_nodes, new_nodes]), order)
-    ranks = _partition_ranks(nodes, order)
-    clusters = _cluster(nodes, ranks, phash_edges, embedding_edges, order)
+def _merge_embedding_edges(lake: Lake, kept: _Graph, new_nodes: pa.Table, order: Sequence[Partition],
+                           config: DedupeConfig) -> tuple[pa.Table, int]:
+    """All embedding edges: the kept ones plus the new nodes' matches (only with use_embeddings); and how many
+    nodes were queried. `order`: every partition of the new state."""
+    if not (config.use_embeddings and new_nodes.num_rows):
+        return kept.embedding_edges, 0
+    old_sorted, new_sorted = _canonical(kept.nodes, order), _canonical(new_nodes, order)
+    old_ranks, new_ranks = _partition_ranks(old_sorted, order), _partition_ranks(new_sorted, order)
+    fresh = _match_embeddings(
+        (old_sorted, old_ranks, _embeddings_of(lake, old_sorted, old_ranks, order)),
+        (new_sorted, new_ranks, _embeddings_of(lake, new_sorted, new_ranks, order)),
+        config.embedding_threshold)
+    return _sort_embedding_edges(pa.concat_tables([kept.embedding_edges, fresh])), new_nodes.num_rows
 
+
+def _write_tables(lake: Lake, nodes: pa.Table, ranks: np.ndarray, order: Sequence[Partition], clusters: _Clusters,
+                  meta: dict[str, dict[str, str]], cfg: dict[str, Any]) -> list[tuple[Partition, dict[str, Any]]]:
+    """Write the dedupe table of each partition in `order` whose rows changed or whose marker is missing, and
+    record its output digest in `meta`; return (partition, marker) to write once the state is committed."""
     uid = nodes.column(R.UID).to_numpy()
-    phash_col = nodes.column(PHASH).combine_chunks()
+    phash_col = nodes.column(R.PHASH).combine_chunks()
     has_phash = ~np.asarray(phash_col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     hashes = _u64(phash_col.fill_null(0).to_numpy())
     starts = np.searchsorted(ranks, np.arange(len(order) + 1))
-    for key in forgotten:
-        io.clear_partition(lake.partition_dir("dedupe", Partition.from_key(key)))
-    rewritten: list[str] = []
     markers: list[tuple[Partition, dict[str, Any]]] = []
     for r, part in enumerate(order):
         rows = slice(int(starts[r]), int(starts[r + 1]))
@@ -844,37 +895,30 @@ def _sync(lake: Lake, add: list[Partition], forget: list[Partition], config: Ded
             markers.append((part, _write_table(lake, part, _output_table(part, uid, hashes, has_phash, clusters, rows),
                                                cfg)))
             meta[part.key]["output"] = digest
-            rewritten.append(part.key)
+    return markers
 
-    # Tables, then the state (the commit point), then their markers: every dedupe partition a reader sees agrees
-    # with the committed state. A crash before the markers leaves the rewritten partitions hidden; the next run
-    # finds their markers missing and writes them again.
-    if state is None or rebuild or changed or forgotten or meta != state.partitions:
-        generation = (state.generation if state is not None else 0) + 1
-        _commit_state(lake, _State(generation, cfg, meta, nodes, phash_edges, embedding_edges))
-    else:
-        generation = state.generation
-        _drop_other_generations(state_dir(lake.root), generation)
-    for part, marker in markers:
-        io.write_marker(lake.partition_dir("dedupe", part), marker)
 
+def _result(lake: Lake, plan: _Plan, nodes: pa.Table, clusters: _Clusters, examples: int, *, partitions: int,
+            rewritten: tuple[str, ...], phash_values_searched: int, embedding_queries: int, generation: int,
+            started: float) -> DedupeResult:
+    """The run's DedupeResult from its plan, the clustered nodes and what it searched and wrote."""
     sizes = Counter(np.bincount(clusters.label).tolist()) if nodes.num_rows else Counter()
-    by_reason = Counter(LAYERS[r] for r in clusters.reason.tolist() if r >= 0)
+    by_reason = Counter(R.DEDUPE_LAYERS[r] for r in clusters.reason.tolist() if r >= 0)
     n_clusters = int(clusters.survivor.sum())
     return DedupeResult(
-        partitions_added=added,
-        partitions_updated=updated,
-        partitions_forgotten=tuple(forgotten),
-        partitions_rewritten=tuple(rewritten),
-        partitions=len(order),
+        partitions_added=plan.added,
+        partitions_updated=plan.updated,
+        partitions_forgotten=tuple(plan.forgotten),
+        partitions_rewritten=rewritten,
+        partitions=partitions,
         nodes=nodes.num_rows,
-        edges_by_layer={layer: clusters.edges_by_layer.get(layer, 0) for layer in LAYERS},
+        edges_by_layer={layer: clusters.edges_by_layer.get(layer, 0) for layer in R.DEDUPE_LAYERS},
         clusters=n_clusters,
         duplicate_clusters=sum(c for s, c in sizes.items() if s >= 2),
         duplicates_removed=nodes.num_rows - n_clusters,
-        by_reason={layer: by_reason.get(layer, 0) for layer in LAYERS},
+        by_reason={layer: by_reason.get(layer, 0) for layer in R.DEDUPE_LAYERS},
         cluster_sizes=dict(sorted(sizes.items())),
-        phash_values_searched=len(new_values) if config.radius > 0 else 0,
+        phash_values_searched=phash_values_searched,
         embedding_queries=embedding_queries,
         examples=_examples(lake, nodes, clusters, examples),
         generation=generation,

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
+from curation import records as R
 from curation.io import filesystem
 from curation.layout import Lake, Partition, join
 
 TILE = 96
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def read_sample_image(lake_root: str, part: Partition, shard: str, key: str) -> bytes | None:
@@ -23,7 +23,7 @@ def read_sample_image(lake_root: str, part: Partition, shard: str, key: str) -> 
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
             stem, _, ext = member.name.rpartition(".")
-            if stem == key and ext in IMAGE_EXTENSIONS:
+            if stem == key and ext in R.IMAGE_EXTENSIONS:
                 extracted = tar.extractfile(member)
                 return extracted.read() if extracted else None
     return None

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from curation import records as R
 from curation.io import file_sha256
+from curation.safety import FLAG_THRESHOLDS
 
-KINDS = ("punsafe", "pwatermark", "aesthetic")
+KINDS = R.HEAD_KINDS
 ARCHITECTURES = {"punsafe": ("nsfw_mlp",), "pwatermark": ("watermark_mlp",), "aesthetic": ("linear", "mlp_v2")}
 
 
@@ -162,7 +164,7 @@ def train_head(
     if config.kind == "aesthetic":
         fit = {"train_mse": float(np.mean((scores - y.numpy()) ** 2))}
     else:
-        threshold = 0.5 if config.kind == "punsafe" else 0.8
+        threshold = FLAG_THRESHOLDS[config.kind]
         fit = {"train_accuracy": float(np.mean((scores > threshold) == (y.numpy() > 0.5)))}
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(module.state_dict(), out_path)

@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 
 from curation import io
 from curation import records as R
-from curation.dedupe import SURVIVOR
 from curation.layout import IMG_EMB_FILE, TEXT_EMB_FILE, UIDS_FILE, Lake, Partition, join
 
 MODALITIES = ("image", "text")
@@ -175,8 +174,8 @@ def indexable_partitions(lake_root: str) -> list[PartitionVectors]:
         clip_marker = io.read_marker(lake.partition_dir("clip", part))
         if clip_marker is None:
             continue
-        dedupe = _read(lake.table("dedupe", part), (R.UID, SURVIVOR))
-        uids = np.sort(dedupe.filter(pc.fill_null(dedupe.column(SURVIVOR), False)).column(R.UID).to_numpy())
+        dedupe = _read(lake.table("dedupe", part), (R.UID, R.SURVIVOR))
+        uids = np.sort(dedupe.filter(pc.fill_null(dedupe.column(R.SURVIVOR), False)).column(R.UID).to_numpy())
         clip = _read(lake.table("clip", part), ("clip_model", "clip_checkpoint"))
         models = {(m, c) for m, c in zip(clip.column("clip_model").to_pylist(),
                                          clip.column("clip_checkpoint").to_pylist(), strict=True)
@@ -290,6 +289,18 @@ class Manifest:
         return Manifest(**data)
 
 
+@dataclass(frozen=True)
+class _Target:
+    """What the index must hold now (see `_target`)."""
+
+    parts: list[PartitionVectors]
+    clip_model: str
+    clip_checkpoint: str
+    dim: int
+    total: int  # surviving vectors over all parts
+    plan: IndexPlan
+
+
 def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = False) -> IndexResult:
     """Bring `<lake>/index/<modality>` up to date with the survivors of every finished dedupe partition.
 
@@ -300,6 +311,40 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
     not comparable) or when nothing is indexable yet.
     """
     started = time.perf_counter()
+    target = _target(lake_root, config)
+    old = Manifest.load(lake_root, config.modality)
+    reason = _rebuild_reason(old, target.plan, config, target.clip_model, target.clip_checkpoint, target.dim,
+                             force_rebuild)
+    wanted = {p.partition.key: p for p in target.parts}
+    if old is not None and not reason and old.partitions == {k: p.digest for k, p in wanted.items()}:
+        _drop_other_generations(index_dir(lake_root, config.modality), old)
+        return _result(old, len(target.parts), time.perf_counter() - started, unchanged=True)
+
+    before = _read_ids(lake_root, config.modality, old).column(R.UID).to_numpy() if old else np.zeros(0, np.int64)
+    if reason:
+        index, ids = _train(lake_root, target.parts, target.plan, target.dim, config), _empty_ids()
+        changed = sorted(wanted)
+        trained_on = target.total
+    else:
+        assert old is not None
+        index, ids, changed = _load_for_update(lake_root, config.modality, old, wanted)
+        trained_on = old.trained_on
+    ids, rewritten = _add_partitions(lake_root, config, index, ids, [wanted[k] for k in changed])
+    after = ids.column(R.UID).to_numpy()
+    added, removed = int(np.setdiff1d(after, before).size), int(np.setdiff1d(before, after).size)
+
+    tuning = tune_nprobe(index, target.plan, lake_root, target.parts, config)
+    manifest = _commit(lake_root, config, target, index, ids, tuning,
+                       generation=(old.generation + 1) if old is not None else 1, trained_on=trained_on,
+                       partitions={k: p.digest for k, p in sorted(wanted.items())})
+    _drop_other_generations(index_dir(lake_root, config.modality), manifest)
+    return _result(manifest, len(target.parts), time.perf_counter() - started, added=added, removed=removed,
+                   rewritten=rewritten, reason=reason, changed=changed)
+
+
+def _target(lake_root: str, config: IndexConfig) -> _Target:
+    """The indexable partitions of the lake, their CLIP model, dimension and vector count, and the index type for
+    them. Raises ValueError when nothing is indexable or partitions were scored by different models."""
     parts = indexable_partitions(lake_root)
     if not parts:
         raise ValueError(f"nothing to index under {lake_root}: materialize clip and dedupe first")
@@ -312,73 +357,64 @@ def build_index(lake_root: str, config: IndexConfig, *, force_rebuild: bool = Fa
     total = int(sum(p.uids.size for p in parts))
     if total == 0:
         raise ValueError("no dedupe survivors to index yet")
-    plan = choose_index(total, dim, config)
-    old = Manifest.load(lake_root, config.modality)
-    reason = _rebuild_reason(old, plan, config, clip_model, clip_checkpoint, dim, force_rebuild)
-    wanted = {p.partition.key: p for p in parts}
-    if old is not None and not reason and old.partitions == {k: p.digest for k, p in wanted.items()}:
-        _drop_other_generations(index_dir(lake_root, config.modality), old)
-        return _unchanged_result(old, len(parts), time.perf_counter() - started)
+    return _Target(parts, clip_model, clip_checkpoint, dim, total, choose_index(total, dim, config))
 
-    before = _read_ids(lake_root, config.modality, old).column(R.UID).to_numpy() if old else np.zeros(0, np.int64)
-    if reason:
-        index, ids = _train(lake_root, parts, plan, dim, config), _empty_ids()
-        changed = sorted(wanted)
-        trained_on = total
-    else:
-        assert old is not None
-        index = _load_index(lake_root, config.modality, old)
-        ids = _read_ids(lake_root, config.modality, old)
-        changed = sorted(k for k, p in wanted.items() if old.partitions.get(k) != p.digest)
-        gone = sorted(set(old.partitions) - set(wanted))
-        drop_keys = set(changed) | set(gone)
-        keys = pc.binary_join_element_wise(ids.column(R.CRAWL), ids.column(R.SEGMENT), "|")
-        drop = pc.is_in(keys, value_set=pa.array(sorted(drop_keys), pa.string()))
-        drop_uids = ids.filter(drop).column(R.UID).to_numpy()
-        dropped = int(index.remove_ids(faiss.IDSelectorBatch(drop_uids))) if drop_uids.size else 0
-        if dropped != drop_uids.size:
-            raise RuntimeError(f"index removed {dropped} of {drop_uids.size} vectors; rebuild it (force_rebuild)")
-        ids = ids.filter(pc.invert(drop))
-        trained_on = old.trained_on
+
+def _load_for_update(lake_root: str, modality: str, old: Manifest, wanted: dict[str, PartitionVectors]
+                     ) -> tuple[faiss.Index, pa.Table, list[str]]:
+    """The committed index and id table without the vectors of changed or vanished partitions, and the sorted keys
+    of the partitions in `wanted` to add (new or changed). RuntimeError when faiss removes fewer than asked."""
+    index = _load_index(lake_root, modality, old)
+    ids = _read_ids(lake_root, modality, old)
+    changed = sorted(k for k, p in wanted.items() if old.partitions.get(k) != p.digest)
+    gone = sorted(set(old.partitions) - set(wanted))
+    drop_keys = set(changed) | set(gone)
+    keys = pc.binary_join_element_wise(ids.column(R.CRAWL), ids.column(R.SEGMENT), "|")
+    drop = pc.is_in(keys, value_set=pa.array(sorted(drop_keys), pa.string()))
+    drop_uids = ids.filter(drop).column(R.UID).to_numpy()
+    dropped = int(index.remove_ids(faiss.IDSelectorBatch(drop_uids))) if drop_uids.size else 0
+    if dropped != drop_uids.size:
+        raise RuntimeError(f"index removed {dropped} of {drop_uids.size} vectors; rebuild it (force_rebuild)")
+    return index, ids.filter(pc.invert(drop)), changed
+
+
+def _add_partitions(lake_root: str, config: IndexConfig, index: faiss.Index, ids: pa.Table,
+                    parts: Sequence[PartitionVectors]) -> tuple[pa.Table, int]:
+    """Add the vectors of `parts` to `index` (in place), in batches; (id table with their rows appended, vectors
+    added). RuntimeError when the index and the id table disagree afterwards."""
     added_tables = [ids]
     rewritten = 0
-    for key in changed:
-        pv = wanted[key]
+    for pv in parts:
         for uids, vecs in partition_vectors(lake_root, pv, config.modality, config.batch_size):
             index.add_with_ids(vecs, uids)
             rewritten += len(uids)
         added_tables.append(pa.table({R.UID: pa.array(pv.uids, pa.int64()),
                                       R.CRAWL: [pv.partition.crawl] * pv.uids.size,
                                       R.SEGMENT: [pv.partition.segment] * pv.uids.size}, schema=IDS_SCHEMA))
-    ids = pa.concat_tables(added_tables)
-    if index.ntotal != ids.num_rows:
-        raise RuntimeError(f"index holds {index.ntotal} vectors but the id table {ids.num_rows}")
-    after = ids.column(R.UID).to_numpy()
-    added, removed = int(np.setdiff1d(after, before).size), int(np.setdiff1d(before, after).size)
+    out = pa.concat_tables(added_tables)
+    if index.ntotal != out.num_rows:
+        raise RuntimeError(f"index holds {index.ntotal} vectors but the id table {out.num_rows}")
+    return out, rewritten
 
-    tuning = tune_nprobe(index, plan, lake_root, parts, config)
-    generation = (old.generation + 1) if old is not None else 1
+
+def _commit(lake_root: str, config: IndexConfig, target: _Target, index: faiss.Index, ids: pa.Table, tuning: Tuning,
+            *, generation: int, trained_on: int, partitions: dict[str, str]) -> Manifest:
+    """Write generation `generation`'s index and id table, then manifest.json naming them (the commit point);
+    return that manifest. Other generations' files are left for `_drop_other_generations`."""
     out_dir = index_dir(lake_root, config.modality)
     index_file, ids_file = f"index-{generation:06d}.faiss", f"ids-{generation:06d}.parquet"
     index_bytes = _write_index(index, join(out_dir, index_file))
     io.write_parquet(ids, join(out_dir, ids_file))
+    plan = target.plan
     manifest = Manifest(
-        generation=generation, factory=plan.factory, family=plan.family, dim=dim, nlist=plan.nlist,
-        nprobe=tuning.nprobe, config_shape=config.shape(), clip_model=clip_model, clip_checkpoint=clip_checkpoint,
-        partitions={k: p.digest for k, p in sorted(wanted.items())}, vectors=int(index.ntotal),
+        generation=generation, factory=plan.factory, family=plan.family, dim=target.dim, nlist=plan.nlist,
+        nprobe=tuning.nprobe, config_shape=config.shape(), clip_model=target.clip_model,
+        clip_checkpoint=target.clip_checkpoint, partitions=partitions, vectors=int(index.ntotal),
         trained_on=trained_on, recall_at_k=tuning.recall, k=config.k, query_ms_p50=tuning.p50_ms,
         query_ms_p99=tuning.p99_ms, recall_by_nprobe=tuning.recall_by_nprobe, index_file=index_file,
         ids_file=ids_file, index_bytes=index_bytes)
     io.write_json(asdict(manifest), join(out_dir, MANIFEST_FILE))  # the commit point
-    _drop_other_generations(out_dir, manifest)
-    return IndexResult(
-        factory=plan.factory, family=plan.family, vectors=int(index.ntotal), dim=dim, nlist=plan.nlist,
-        nprobe=tuning.nprobe, recall_at_k=tuning.recall, k=config.k, query_ms_p50=tuning.p50_ms,
-        query_ms_p99=tuning.p99_ms, added=added, removed=removed, rewritten=rewritten, rebuilt=bool(reason),
-        rebuild_reason=reason,
-        partitions=len(parts), partitions_changed=changed, index_bytes=index_bytes,
-        build_seconds=time.perf_counter() - started, clip_model=clip_model, clip_checkpoint=clip_checkpoint,
-        generation=generation, recall_by_nprobe=tuning.recall_by_nprobe)
+    return manifest
 
 
 def _drop_other_generations(out_dir: str, manifest: Manifest) -> None:
@@ -392,14 +428,18 @@ def _drop_other_generations(out_dir: str, manifest: Manifest) -> None:
             fs.rm(path)
 
 
-def _unchanged_result(old: Manifest, partitions: int, seconds: float) -> IndexResult:
+def _result(manifest: Manifest, partitions: int, seconds: float, *, added: int = 0, removed: int = 0,
+            rewritten: int = 0, reason: str = "", changed: list[str] | None = None,
+            unchanged: bool = False) -> IndexResult:
+    """The IndexResult of an update that left `manifest` committed, from it and what the update changed."""
     return IndexResult(
-        factory=old.factory, family=old.family, vectors=old.vectors, dim=old.dim, nlist=old.nlist, nprobe=old.nprobe,
-        recall_at_k=old.recall_at_k, k=old.k, query_ms_p50=old.query_ms_p50, query_ms_p99=old.query_ms_p99,
-        added=0, removed=0, rewritten=0, rebuilt=False, rebuild_reason="", partitions=partitions, partitions_changed=[],
-        index_bytes=old.index_bytes, build_seconds=seconds, clip_model=old.clip_model,
-        clip_checkpoint=old.clip_checkpoint, generation=old.generation, recall_by_nprobe=old.recall_by_nprobe,
-        unchanged=True)
+        factory=manifest.factory, family=manifest.family, vectors=manifest.vectors, dim=manifest.dim,
+        nlist=manifest.nlist, nprobe=manifest.nprobe, recall_at_k=manifest.recall_at_k, k=manifest.k,
+        query_ms_p50=manifest.query_ms_p50, query_ms_p99=manifest.query_ms_p99, added=added, removed=removed,
+        rewritten=rewritten, rebuilt=bool(reason), rebuild_reason=reason, partitions=partitions,
+        partitions_changed=changed if changed is not None else [], index_bytes=manifest.index_bytes,
+        build_seconds=seconds, clip_model=manifest.clip_model, clip_checkpoint=manifest.clip_checkpoint,
+        generation=manifest.generation, recall_by_nprobe=manifest.recall_by_nprobe, unchanged=unchanged)
 
 
 def _rebuild_reason(old: Manifest | None, plan: IndexPlan, config: IndexConfig, clip_model: str,
@@ -645,41 +685,3 @@ def verify_index(lake_root: str, modality: str = "image") -> list[str]:
     if not stale and not missing and (len(want) != len(got) or (want != got).any()):
         problems.append(f"index uids differ from dedupe survivors: {len(got)} indexed, {len(want)} survivors")
     return problems
-
-
-def index_report(result: IndexResult) -> dict[str, dict[str, Any]]:
-    """Materialization metadata in Pipes' {"raw_value", "type"} form."""
-    curve = "\n".join(["| nprobe | recall@k |", "|---:|---:|"]
-                      + [f"| {k} | {v:.4f} |" for k, v in result.recall_by_nprobe.items()])
-
-    def md(value: str) -> dict[str, Any]:
-        return {"raw_value": value, "type": "md"}
-
-    def num(value: float | int) -> dict[str, Any]:
-        return {"raw_value": value, "type": "int" if isinstance(value, int) else "float"}
-
-    return {
-        "dagster/row_count": num(result.vectors),
-        "factory": {"raw_value": result.factory, "type": "text"},
-        "family": {"raw_value": result.family, "type": "text"},
-        "vectors": num(result.vectors),
-        "dim": num(result.dim),
-        "nlist": num(result.nlist),
-        "nprobe": num(result.nprobe),
-        f"recall_at_{result.k}": num(round(result.recall_at_k, 4)),
-        "recall_by_nprobe": md(curve),
-        "query_ms_p50": num(round(result.query_ms_p50, 3)),
-        "query_ms_p99": num(round(result.query_ms_p99, 3)),
-        "added": num(result.added),
-        "removed": num(result.removed),
-        "rewritten": num(result.rewritten),
-        "rebuilt": {"raw_value": result.rebuilt, "type": "bool"},
-        "rebuild_reason": {"raw_value": result.rebuild_reason or "incremental", "type": "text"},
-        "unchanged": {"raw_value": result.unchanged, "type": "bool"},
-        "partitions": num(result.partitions),
-        "partitions_changed": {"raw_value": result.partitions_changed, "type": "json"},
-        "index_bytes": num(result.index_bytes),
-        "clip_model": {"raw_value": f"{result.clip_model} {result.clip_checkpoint}", "type": "text"},
-        "generation": num(result.generation),
-        "build_seconds": num(round(result.build_seconds, 2)),
-    }

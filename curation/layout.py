@@ -78,9 +78,6 @@ class Lake:
     def marker(self, stage: str, part: Partition) -> str:
         return join(self.partition_dir(stage, part), SUCCESS_MARKER)
 
-    def table_glob(self, stage: str) -> str:
-        return join(self.root, stage, "crawl=*", "segment=*", STAGE_TABLES[stage])
-
     def shards_dir(self, part: Partition) -> str:
         return join(self.partition_dir("downloads", part), "shards")
 
@@ -93,13 +90,9 @@ class Lake:
     def subset_dir(self, name: str) -> str:
         return join(self.root, "subsets", name)
 
-    def models_dir(self) -> str:
-        return join(self.root, "models")
-
 
 # The Common Crawl side: listings and WAT paths relative to a crawl root (local mirror, https or s3).
 CC_HTTPS_ROOT = "https://data.commoncrawl.org"
-CC_S3_ROOT = "s3://commoncrawl"
 
 
 def crawl_listing(crawl_root: str, crawl: str, kind: str = "wat") -> str:

@@ -35,6 +35,8 @@ import numpy as np
 from PIL import Image
 from scipy import fftpack
 
+from curation import records as R
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -45,8 +47,6 @@ HEX_DIGITS = HASH_SIZE * HASH_SIZE // 4
 
 # Output columns of `write_hashes` (one row per input file).
 PATH = "path"
-PHASH = "phash"
-ERROR = "error"
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class PhashConfig:
 
     chunk_size: int = 32
     executor: Literal["thread", "process"] = "thread"
-    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
+    extensions: tuple[str, ...] = tuple(f".{ext}" for ext in R.IMAGE_EXTENSIONS)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -193,8 +193,8 @@ def hashes_table(paths: Sequence[str], hashes: np.ndarray, errors: Sequence[str 
     import pyarrow as pa  # here, not at the top: spawned hashing workers never need it
 
     hexes = [None if e is not None else to_hex(h) for h, e in zip(hashes.tolist(), errors, strict=True)]
-    schema = pa.schema([(PATH, pa.string()), (PHASH, pa.string()), (ERROR, pa.string())])
-    return pa.table({PATH: list(paths), PHASH: hexes, ERROR: list(errors)}, schema=schema)
+    schema = pa.schema([(PATH, pa.string()), (R.PHASH, pa.string()), (R.ERROR, pa.string())])
+    return pa.table({PATH: list(paths), R.PHASH: hexes, R.ERROR: list(errors)}, schema=schema)
 
 
 def write_hashes(
@@ -246,7 +246,7 @@ def _phash_command(args: argparse.Namespace) -> int:
         return 2
     output = str(Path(args.output).absolute()) if "://" not in args.output else args.output
     table = write_hashes(paths, output, workers=args.workers, config=config)
-    hashed = table.column(ERROR).null_count
+    hashed = table.column(R.ERROR).null_count
     print(json.dumps({"files": table.num_rows, "hashed": hashed, "errors": table.num_rows - hashed, "output": output}))
     return 0
 

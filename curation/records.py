@@ -56,6 +56,10 @@ BAD_ENCODING = "non_utf8"
 BAD_RECORD = "malformed_record"
 TRUNCATED_FILE = "truncated_file"
 DROP_BLOCKED_URL = "blocked_url_substring"  # a configured blocked substring other than .svg/.gif
+# Hostile input that must end as a count, never as an exception.
+JSON_TOO_DEEP = "json_too_deep"  # JSON nested deeper than the interpreter's recursion limit
+RECORD_TOO_LARGE = "record_too_large"  # a gzip member inflating to (or spanning) more than the configured cap
+DROP_EMPTY_SRC = "empty_src"  # `<img src="">` (or blank): it would resolve to the page itself
 
 # clip (one row per pair; `reason` is null for kept pairs)
 SIMILARITY = "similarity"
@@ -66,8 +70,31 @@ STATUS_OK = "ok"
 STATUS_FAILED_DECODE = "failed_to_decode"
 STATUS_NOT_DOWNLOADED = "not_downloaded"
 DROP_LOW_SIMILARITY = "low_similarity"
+# clip: scores of the embedded images (null elsewhere) and the identity of what produced them
+NSFW_TAG = "nsfw_tag"  # LAION-400M's zero-shot tag: UNLIKELY / UNSURE / NSFW (curation.safety)
+PUNSAFE = "punsafe"
+PWATERMARK = "pwatermark"
+AESTHETIC = "aesthetic"
+HEAD_KINDS = (PUNSAFE, PWATERMARK, AESTHETIC)  # each head's score column is named after its kind
+HEAD_COLUMNS = {kind: f"{kind}_head" for kind in HEAD_KINDS}  # kind -> column holding that head's sha256
+CLIP_MODEL = "clip_model"
+CLIP_CHECKPOINT = "clip_checkpoint"
+SCORE_COLUMNS = (NSFW_TAG, *HEAD_KINDS, CLIP_MODEL, CLIP_CHECKPOINT, *HEAD_COLUMNS.values())
 
-# More extraction reasons: hostile input that must end as a count, never as an exception.
-JSON_TOO_DEEP = "json_too_deep"  # JSON nested deeper than the interpreter's recursion limit
-RECORD_TOO_LARGE = "record_too_large"  # a gzip member inflating to (or spanning) more than the configured cap
-DROP_EMPTY_SRC = "empty_src"  # `<img src="">` (or blank): it would resolve to the page itself
+# dedupe (one row per kept clip row; `reason` is null for survivors, else the strongest layer linking it)
+CLUSTER_ID = "cluster_id"  # the survivor's uid
+CLUSTER_SIZE = "cluster_size"
+SURVIVOR = "survivor"
+DUPLICATE_URL_TEXT = "duplicate_url_text"
+DUPLICATE_BYTES = "duplicate_bytes"
+NEAR_DUPLICATE_PHASH = "near_duplicate_phash"
+NEAR_DUPLICATE_EMBEDDING = "near_duplicate_embedding"
+DEDUPE_LAYERS = (DUPLICATE_URL_TEXT, DUPLICATE_BYTES, NEAR_DUPLICATE_PHASH, NEAR_DUPLICATE_EMBEDDING)  # strongest first
+
+# The `kept` view (curation.sql) and subset releases name some columns for their readers.
+CAPTION = "caption"  # pairs.text
+SOURCE_SHARD = "source_shard"  # downloads.shard
+SOURCE_KEY = "source_key"  # downloads.key
+
+# Image files inside a webdataset sample, in the order a reader looks for them (img2dataset's encode formats).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

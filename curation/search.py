@@ -10,9 +10,9 @@ import numpy as np
 
 from curation.clip import embed_texts, load_clip
 from curation.index import LoadedIndex, load_index
-from curation.scoring import ScoringConfig, checkpoint_identity
+from curation.models import checkpoint_identity
+from curation.scoring import ScoringConfig
 from curation.sql import KEPT_VIEW, connect_kept
-from curation.toyclip import register_model_configs
 
 # Columns returned with every hit, beyond uid and score.
 HIT_COLUMNS = ("url", "caption", "crawl", "segment", "similarity", "aesthetic", "punsafe", "pwatermark", "nsfw_tag",
@@ -38,7 +38,6 @@ def encode_queries(texts: Sequence[str], spec: Mapping[str, Any], index: LoadedI
     if have != want:
         raise ValueError(f"the models spec gives {have[0]} {have[1]}, but the index was built from {want[0]} "
                          f"{want[1]} embeddings: pass the spec the clip asset used (--spec)")
-    register_model_configs()
     clip = load_clip(config.clip)
     return embed_texts(clip.model, clip.tokenizer, list(texts), precision=clip.precision)
 

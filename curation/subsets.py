@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import io
+from curation import records as R
 from curation.layout import Lake, Partition, join
 from curation.sql import KEPT_VIEW, connect_kept
 
@@ -497,9 +498,8 @@ def _write_shards(lake_root: str, rows: pa.Table, base: str, shard_size: int) ->
         buf = _io.BytesIO()
         with tarfile.open(fileobj=buf, mode="w") as tar:
             for i, r in enumerate(chunk):
-                files = members.get((r["crawl"], r["segment"], r["source_shard"], r["source_key"]))
-                image = next(((ext, data) for ext, data in (files or {}).items() if ext in ("jpg", "jpeg", "png",
-                                                                                           "webp")), None)
+                files = members.get((r["crawl"], r["segment"], r["source_shard"], r["source_key"])) or {}
+                image = next(((ext, files[ext]) for ext in R.IMAGE_EXTENSIONS if ext in files), None)
                 if image is None:
                     continue  # the shard lost it: counted below, never silently renamed
                 key = f"{shard_no:05d}{i:04d}"

@@ -812,86 +812,125 @@ def extract_pairs(
     pairs around it are kept. Raises `WatReadError` for a file that cannot be read at all.
     """
     excluded = exclude_uids if isinstance(exclude_uids, set | frozenset) else set(exclude_uids or ())
-    cols: dict[str, list[Any]] = {name: [] for name in R.PAIRS_COLUMNS}
-    uids, urls, texts, pages = cols[R.UID], cols[R.URL], cols[R.TEXT], cols[R.PAGE_URL]
-    files, offsets, dates = cols[R.WAT_FILE], cols[R.WAT_RECORD], cols[R.WARC_DATE]
-    seen: set[tuple[str, str]] = set()
+    extraction = _Extraction(config, excluded)
     per_file: dict[str, dict[str, int]] = {}
     bytes_read = 0
     for wat_path in wat_paths:
-        counts = dict.fromkeys((*TOTALS, *INPUT_REASONS, *DROP_REASONS), 0)
-        reader = WatReader(wat_path, max_record_bytes=config.max_record_bytes)
-        for record in reader:
-            payload = record.payload
-            if _IMG_MARKER not in payload:  # LAION's pre-filter: no <img>, nothing to decode
-                continue
-            try:
-                page = _read_page(payload.decode("utf-8"))
-            except UnicodeError:  # not UTF-8, or a page URL/date with a lone surrogate
-                counts[R.BAD_ENCODING] += 1
-                continue
-            except ValueError:
-                counts[R.BAD_JSON] += 1
-                continue
-            except RecursionError:  # the json module recurses per nesting level
-                counts[R.JSON_TOO_DEEP] += 1
-                continue
-            except KeyError:
-                counts[R.BAD_RECORD] += 1
-                continue
-            if page is None or not (page.images or page.other_img or page.bad_links):
-                continue
-            counts["pages"] += 1
-            counts[R.DROP_NOT_IMAGE_LINK] += page.other_img
-            counts[R.BAD_RECORD] += page.bad_links
-            counts["image_links"] += len(page.images)
-            page_url, base = page.url, page.base
-            for link in page.images:
-                raw_url = link.get("url") if isinstance(link, dict) else None
-                if not isinstance(raw_url, str):
-                    counts[R.BAD_RECORD] += 1
-                    continue
-                # The alt test first: most <img> have none, and it is cheaper than resolving the URL.
-                raw_alt = link.get("alt")
-                text = clean_alt(raw_alt, config) if isinstance(raw_alt, str) else None
-                if text is None:
-                    counts[R.DROP_SHORT_ALT] += 1
-                    continue
-                url, reason = resolve_image_url(page_url, base, raw_url, config)
-                if url is None:
-                    counts[reason or R.BAD_RECORD] += 1
-                    continue
-                pair = (url, text)
-                if pair in seen:
-                    counts[R.DROP_DUPLICATE] += 1
-                    continue
-                seen.add(pair)
-                uid = laion_uid(url, text)
-                if uid in excluded:
-                    counts[R.DROP_SEEN_BEFORE] += 1
-                    continue
-                uids.append(uid)
-                urls.append(url)
-                texts.append(text)
-                pages.append(page_url)
-                files.append(wat_path)
-                offsets.append(record.offset)
-                dates.append(page.date)
-                counts["kept"] += 1
-        counts["records"] = reader.records
-        for reason, n in reader.problems.items():
-            counts[reason] += n
-        bytes_read += reader.bytes_read
-        previous = per_file.get(wat_path)
+        counts, file_bytes = extraction.add_file(wat_path)
+        bytes_read += file_bytes
+        previous = per_file.get(wat_path)  # a file named twice: its counts add up
         per_file[wat_path] = counts if previous is None else {k: previous[k] + v for k, v in counts.items()}
-    languages = [detect_language(text, config) for text in texts]
-    cols[R.LANGUAGE] = [code for code, _ in languages]
-    cols[R.LANGUAGE_SCORE] = [score for _, score in languages]
-    cols[R.CRAWL] = [crawl] * len(uids)
-    cols[R.SEGMENT] = [segment] * len(uids)
-    table = pa.Table.from_pydict(cols, schema=PAIRS_SCHEMA)
-    totals = dict.fromkeys((*TOTALS, *INPUT_REASONS, *DROP_REASONS), 0)
+    totals = _zero_counts()
     for file_counts in per_file.values():
         for name, n in file_counts.items():
             totals[name] += n
-    return ExtractResult(table=table, counts=totals, per_file=per_file, bytes_read=bytes_read)
+    return ExtractResult(table=extraction.table(crawl, segment), counts=totals, per_file=per_file,
+                         bytes_read=bytes_read)
+
+
+def _zero_counts() -> dict[str, int]:
+    """Every count an extraction reports, at zero, in the order stats files list them."""
+    return dict.fromkeys((*TOTALS, *INPUT_REASONS, *DROP_REASONS), 0)
+
+
+def _record_page(payload: bytes, counts: dict[str, int]) -> _Page | None:
+    """The page of one record's payload if it has image links to count; a record that cannot be read is
+    counted under its reason in `counts` and gives None."""
+    if _IMG_MARKER not in payload:  # LAION's pre-filter: no <img>, nothing to decode
+        return None
+    try:
+        page = _read_page(payload.decode("utf-8"))
+    except UnicodeError:  # not UTF-8, or a page URL/date with a lone surrogate
+        counts[R.BAD_ENCODING] += 1
+        return None
+    except ValueError:
+        counts[R.BAD_JSON] += 1
+        return None
+    except RecursionError:  # the json module recurses per nesting level
+        counts[R.JSON_TOO_DEEP] += 1
+        return None
+    except KeyError:
+        counts[R.BAD_RECORD] += 1
+        return None
+    if page is None or not (page.images or page.other_img or page.bad_links):
+        return None
+    return page
+
+
+class _Extraction:
+    """The state of one `extract_pairs` call: the kept pairs' columns and every (url, text) seen so far."""
+
+    def __init__(self, config: ExtractConfig, excluded: Collection[int]) -> None:
+        self.config = config
+        self.excluded = excluded
+        self.seen: set[tuple[str, str]] = set()
+        self.cols: dict[str, list[Any]] = {name: [] for name in R.PAIRS_COLUMNS}
+
+    def add_file(self, wat_path: str) -> tuple[dict[str, int], int]:
+        """Add the pairs of one WAT file; returns its counts by reason and the compressed bytes read."""
+        counts = _zero_counts()
+        reader = WatReader(wat_path, max_record_bytes=self.config.max_record_bytes)
+        for record in reader:
+            page = _record_page(record.payload, counts)
+            if page is not None:
+                self._add_page(page, wat_path, record.offset, counts)
+        counts["records"] = reader.records
+        for reason, n in reader.problems.items():
+            counts[reason] += n
+        return counts, reader.bytes_read
+
+    def _add_page(self, page: _Page, wat_path: str, offset: int, counts: dict[str, int]) -> None:
+        """Apply the link rules to one page's image links and append the pairs kept, counting each drop."""
+        counts["pages"] += 1
+        counts[R.DROP_NOT_IMAGE_LINK] += page.other_img
+        counts[R.BAD_RECORD] += page.bad_links
+        counts["image_links"] += len(page.images)
+        # The loop below runs once per <img>, the hottest code of extraction: its state lives in locals and
+        # its rules stay inline, since a function call per link would cost more than most of the rules.
+        config, seen, excluded, cols = self.config, self.seen, self.excluded, self.cols
+        uids, urls, texts, pages = cols[R.UID], cols[R.URL], cols[R.TEXT], cols[R.PAGE_URL]
+        files, offsets, dates = cols[R.WAT_FILE], cols[R.WAT_RECORD], cols[R.WARC_DATE]
+        page_url, base = page.url, page.base
+        for link in page.images:
+            raw_url = link.get("url") if isinstance(link, dict) else None
+            if not isinstance(raw_url, str):
+                counts[R.BAD_RECORD] += 1
+                continue
+            # The alt test first: most <img> have none, and it is cheaper than resolving the URL.
+            raw_alt = link.get("alt")
+            text = clean_alt(raw_alt, config) if isinstance(raw_alt, str) else None
+            if text is None:
+                counts[R.DROP_SHORT_ALT] += 1
+                continue
+            url, reason = resolve_image_url(page_url, base, raw_url, config)
+            if url is None:
+                counts[reason or R.BAD_RECORD] += 1
+                continue
+            pair = (url, text)
+            if pair in seen:
+                counts[R.DROP_DUPLICATE] += 1
+                continue
+            seen.add(pair)
+            uid = laion_uid(url, text)
+            if uid in excluded:
+                counts[R.DROP_SEEN_BEFORE] += 1
+                continue
+            uids.append(uid)
+            urls.append(url)
+            texts.append(text)
+            pages.append(page_url)
+            files.append(wat_path)
+            offsets.append(offset)
+            dates.append(page.date)
+            counts["kept"] += 1
+
+    def table(self, crawl: str, segment: str) -> pa.Table:
+        """The kept pairs as a PAIRS_SCHEMA table, with each caption's language detected."""
+        cols = dict(self.cols)
+        texts = cols[R.TEXT]
+        languages = [detect_language(text, self.config) for text in texts]
+        cols[R.LANGUAGE] = [code for code, _ in languages]
+        cols[R.LANGUAGE_SCORE] = [score for _, score in languages]
+        cols[R.CRAWL] = [crawl] * len(texts)
+        cols[R.SEGMENT] = [segment] * len(texts)
+        return pa.Table.from_pydict(cols, schema=PAIRS_SCHEMA)

@@ -6,7 +6,10 @@ from typing import Any
 
 import dagster as dg
 
+from curation.clip import ClipPassConfig
 from resources.settings import read_models_spec
+
+_C = ClipPassConfig()  # the core's defaults, the single source of the run options below but `num_workers`
 
 # Without a spec: LAION's filter model from a local hub cache (set HF_HUB_OFFLINE=1 on air-gapped nodes).
 DEFAULT_SPEC: dict[str, Any] = {"model_name": "ViT-B-32", "pretrained": "openai"}
@@ -17,10 +20,10 @@ class ClipModelResource(dg.ConfigurableResource):
     `curation.scoring.ScoringConfig.from_spec`) and run options. `gpus` > 0 requests GPUs from SLURM."""
 
     spec_path: str | None = None
-    device: str = "auto"
-    precision: str = "fp16"
-    batch_size: int = 256
-    num_workers: int = 2
+    device: str = _C.device
+    precision: str = _C.precision
+    batch_size: int = _C.batch_size
+    num_workers: int = 2  # decode workers beside the model: a laptop's two cores (the core defaults to 4)
     gpus: int = 0
     walltime_s: int = 3600
 

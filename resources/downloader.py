@@ -8,8 +8,8 @@ import dagster as dg
 from pydantic import Field
 
 from curation.download import DownloadConfig
-from curation.netguard import NetPolicy
-from curation.stages import download_options
+
+_D = DownloadConfig()  # the core's defaults, the single source of every option below but `processes`
 
 
 class DownloaderResource(dg.ConfigurableResource):
@@ -19,23 +19,17 @@ class DownloaderResource(dg.ConfigurableResource):
     allow_loopback: bool = False
     allow_cidrs: list[str] = Field(default_factory=list)
     allow_hosts: list[str] = Field(default_factory=list)
-    image_size: int = 256
-    resize_mode: str = "keep_ratio"
-    processes: int = 2
-    threads: int = 32
-    timeout_s: float = 10.0
-    deadline_s: float | None = None  # per URL, connect to last body byte; None: 3 x timeout_s
-    retries: int = 1
-    max_connections_per_host: int = 4
-    number_sample_per_shard: int = 10_000
+    image_size: int = _D.image_size
+    resize_mode: str = _D.resize_mode
+    processes: int = 2  # the asset's own choice: both cores of a laptop (the core defaults to one process)
+    threads: int = _D.threads
+    timeout_s: float = _D.timeout_s
+    deadline_s: float | None = _D.deadline_s  # per URL, connect to last body byte; None: 3 x timeout_s
+    retries: int = _D.retries
+    max_connections_per_host: int | None = _D.max_connections_per_host
+    number_sample_per_shard: int = _D.number_sample_per_shard
 
     def options(self) -> dict[str, Any]:
         """Plain options (`curation.stages.download_options` turns them into config and policy), as a payload
         running on another machine receives them."""
         return self.model_dump()
-
-    def policy(self) -> NetPolicy:
-        return download_options(self.options())[1]
-
-    def config(self) -> DownloadConfig:
-        return download_options(self.options())[0]

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.cli import default_model_cache
-from curation.sample_models import ensure_sample_models
-from curation.sample_server import SampleWebServer, serve_sample_web
-from curation.sample_web import SampleWebConfig, generate_sample_web
+from curation.sample.models import ensure_sample_models
+from curation.sample.server import SampleWebServer, serve_sample_web
+from curation.sample.web import SampleWebConfig, generate_sample_web
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")

@@ -7,25 +7,16 @@ force_rebuild.
 
 from dagster_pipes import open_dagster_pipes
 
-from curation.index import IndexConfig, build_index, index_report, verify_index
+from curation.index import IndexConfig
+from curation.report import send
+from curation.stages import materialize_index
 
 
 def main() -> None:
     with open_dagster_pipes() as pipes:
         extras = pipes.extras
         config = IndexConfig(**extras.get("config", {}))
-        result = build_index(extras["lake_root"], config, force_rebuild=bool(extras.get("force_rebuild")))
-        problems = verify_index(extras["lake_root"], config.modality)
-        pipes.log.info(f"{result.factory}: {result.vectors} vectors, recall@{result.k} {result.recall_at_k:.3f} "
-                       f"at nprobe {result.nprobe}; +{result.added} -{result.removed}"
-                       + (f"; rebuilt: {result.rebuild_reason}" if result.rebuilt else ""))
-        pipes.report_asset_materialization(metadata=index_report(result))
-        pipes.report_asset_check(
-            check_name="index_matches_survivors",
-            passed=not problems,
-            metadata={"problems": {"raw_value": "\n".join(problems) or "none", "type": "text"},
-                      "vectors": {"raw_value": result.vectors, "type": "int"}},
-        )
+        send(materialize_index(extras["lake_root"], config, force_rebuild=bool(extras.get("force_rebuild"))), pipes)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ segment, crawl_root (pairs), download_options (downloads).
 from dagster_pipes import open_dagster_pipes
 
 from curation.layout import Partition
-from curation.stages import materialize_downloads, materialize_pairs, pipes_metadata
+from curation.report import send
+from curation.stages import materialize_downloads, materialize_pairs
 
 
 def main() -> None:
@@ -20,12 +21,7 @@ def main() -> None:
             report = materialize_downloads(extras["lake_root"], part, extras["download_options"])
         else:
             raise ValueError(f"unknown stage {extras['stage']!r}")
-        pipes.log.info(report.log)
-        pipes.report_asset_materialization(metadata=pipes_metadata(report.metadata))
-        for check in report.checks:
-            pipes.report_asset_check(check_name=check.name, passed=check.passed,
-                                     severity="WARN" if check.warn_only else "ERROR",
-                                     metadata=pipes_metadata(check.metadata))
+        send(report, pipes)
 
 
 if __name__ == "__main__":

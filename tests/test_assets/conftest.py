@@ -14,7 +14,7 @@ from assets.clip import clip
 from assets.dedupe import dedupe
 from assets.downloads import downloads
 from assets.pairs import pairs
-from curation.sample_server import SampleWebServer
+from curation.sample.server import SampleWebServer
 from resources.clip_model import ClipModelResource
 from resources.compute import build_compute
 from resources.downloader import DownloaderResource

@@ -17,7 +17,7 @@ from assets.partitions import SEGMENTS_PER_CRAWL, crawl_segment_partitions
 from assets.runner import add_run_command, open_instance, run_crawls, settings_from_args
 from assets.sensors import build_crawl_sensor
 from curation.cli import main as cli_main
-from curation.sample_server import SampleWebServer
+from curation.sample.server import SampleWebServer
 from resources.compute import LocalComputeResource
 from resources.settings import Settings
 from resources.storage import LakeResource

@@ -13,8 +13,8 @@ import pytest
 from assets.downloads import downloads
 from assets.pairs import pairs
 from curation import records
-from curation.sample_server import SampleWebServer
-from curation.sample_web import HTTP_BEHAVIOURS
+from curation.sample.server import SampleWebServer
+from curation.sample.web import HTTP_BEHAVIOURS
 from resources.downloader import DownloaderResource
 from resources.storage import LakeResource
 from tests.conftest import SampleWeb

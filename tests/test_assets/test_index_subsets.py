@@ -21,9 +21,9 @@ from assets.index import index
 from assets.subsets import build_subset_assets
 from curation import records as R
 from curation.index import index_ids, load_index
+from curation.sample.toy_clip import concept_names, concept_prompts
 from curation.search import search_text
 from curation.subsets import BUILTIN_SUBSETS, read_release
-from curation.toyclip import concept_names, concept_prompts
 from resources.compute import build_compute
 from resources.settings import Settings
 from resources.storage import LakeResource

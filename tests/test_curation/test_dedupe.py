@@ -17,11 +17,7 @@ import pytest
 from curation import io
 from curation import records as R
 from curation.dedupe import (
-    DUPLICATE_BYTES,
-    DUPLICATE_URL_TEXT,
     EMBEDDING_EDGES_FILE,
-    NEAR_DUPLICATE_EMBEDDING,
-    NEAR_DUPLICATE_PHASH,
     NODES_FILE,
     PHASH_EDGES_FILE,
     DedupeConfig,
@@ -195,24 +191,24 @@ def test_every_layer_links_and_the_strongest_link_is_the_reason(tmp_path: Path) 
     write_partition(tmp_path, B, [Img(1, sim=0.2)])  # same (url, text) as A's uid 1, another image
     result = run(tmp_path, [A, B], use_embeddings=True)
     a, b = dedupe_rows(tmp_path, A), dedupe_rows(tmp_path, B)
-    assert cluster_of(a, 2) == {2, 3} and a[3]["reason"] == DUPLICATE_BYTES
-    assert cluster_of(a, 4) == {4, 5} and a[5]["reason"] == NEAR_DUPLICATE_PHASH
-    assert cluster_of(a, 6) == {6, 7} and a[7]["reason"] == NEAR_DUPLICATE_EMBEDDING
-    assert a[9]["reason"] == DUPLICATE_BYTES  # same bytes and same pHash: bytes is the stronger layer
-    assert b[1]["reason"] == DUPLICATE_URL_TEXT and b[1]["cluster_id"] == 1 and a[1]["survivor"]
+    assert cluster_of(a, 2) == {2, 3} and a[3]["reason"] == R.DUPLICATE_BYTES
+    assert cluster_of(a, 4) == {4, 5} and a[5]["reason"] == R.NEAR_DUPLICATE_PHASH
+    assert cluster_of(a, 6) == {6, 7} and a[7]["reason"] == R.NEAR_DUPLICATE_EMBEDDING
+    assert a[9]["reason"] == R.DUPLICATE_BYTES  # same bytes and same pHash: bytes is the stronger layer
+    assert b[1]["reason"] == R.DUPLICATE_URL_TEXT and b[1]["cluster_id"] == 1 and a[1]["survivor"]
     assert a[10]["cluster_size"] == 1 and a[10]["survivor"] and a[10]["reason"] is None
     survivors = {u for rows in (a, b) for u, r in rows.items() if r["survivor"]}
     for rows in (a, b):
         for r in rows.values():
             assert (r["reason"] is None) == r["survivor"]
             assert r["cluster_id"] in survivors
-    assert result.by_reason == {DUPLICATE_URL_TEXT: 1, DUPLICATE_BYTES: 2, NEAR_DUPLICATE_PHASH: 1,
-                                NEAR_DUPLICATE_EMBEDDING: 1}
+    assert result.by_reason == {R.DUPLICATE_URL_TEXT: 1, R.DUPLICATE_BYTES: 2, R.NEAR_DUPLICATE_PHASH: 1,
+                                R.NEAR_DUPLICATE_EMBEDDING: 1}
     assert result.duplicates_removed == 5 and result.clusters == 6 and result.nodes == 11
     assert result.cluster_sizes == {1: 1, 2: 5}
     assert result.duplicate_clusters == 5
-    assert result.edges_by_layer[NEAR_DUPLICATE_EMBEDDING] == 1
-    assert result.edges_by_layer[DUPLICATE_BYTES] == 2  # {2, 3} and {8, 9}: k-1 links per group
+    assert result.edges_by_layer[R.NEAR_DUPLICATE_EMBEDDING] == 1
+    assert result.edges_by_layer[R.DUPLICATE_BYTES] == 2  # {2, 3} and {8, 9}: k-1 links per group
 
 
 def test_without_embeddings_the_embedding_layer_links_nothing(tmp_path: Path) -> None:
@@ -239,7 +235,7 @@ def test_phash_radius_is_exact(tmp_path: Path, radius: int) -> None:
     rows = dedupe_rows(tmp_path, A)
     linked = [d for d in range(8) if cluster_of(rows, 10 * d + 1) == {10 * d + 1, 10 * d + 2}]
     assert linked == list(range(radius + 1))
-    assert all(rows[10 * d + 2]["reason"] == NEAR_DUPLICATE_PHASH for d in linked)
+    assert all(rows[10 * d + 2]["reason"] == R.NEAR_DUPLICATE_PHASH for d in linked)
 
 
 def test_phash_hex_is_imagehash_notation(tmp_path: Path) -> None:
@@ -261,7 +257,7 @@ def test_only_kept_rows_take_part(tmp_path: Path) -> None:
     assert set(rows) == {1, 3} and rows[1]["cluster_size"] == 1 and rows[1]["survivor"]
     run(tmp_path, [A], only_kept=False)
     rows = dedupe_rows(tmp_path, A)
-    assert set(rows) == {1, 2, 3} and rows[1]["cluster_id"] == 2 and rows[1]["reason"] == NEAR_DUPLICATE_PHASH
+    assert set(rows) == {1, 2, 3} and rows[1]["cluster_id"] == 2 and rows[1]["reason"] == R.NEAR_DUPLICATE_PHASH
 
 
 # ----------------------------------------------------------------------------------------------- survivors
@@ -287,7 +283,7 @@ def test_survivor_order(tmp_path: Path, first: dict, second: dict, winner: int) 
     rows = {u: r for part in by_part for u, r in dedupe_rows(tmp_path, part).items()}
     loser = 3 - winner
     assert rows[winner]["survivor"] and rows[winner]["reason"] is None
-    assert not rows[loser]["survivor"] and rows[loser]["reason"] == DUPLICATE_BYTES
+    assert not rows[loser]["survivor"] and rows[loser]["reason"] == R.DUPLICATE_BYTES
     assert rows[1]["cluster_id"] == rows[2]["cluster_id"] == winner
     assert rows[1]["cluster_size"] == rows[2]["cluster_size"] == 2
 
@@ -332,10 +328,10 @@ def test_incremental_equals_one_shot(tmp_path: Path) -> None:
     assert dedupe_bytes(inc) == dedupe_bytes(once)
     a, b = dedupe_rows(inc, A), dedupe_rows(inc, B)
     assert b[21]["survivor"] and a[1]["cluster_id"] == a[2]["cluster_id"] == 21
-    assert a[1]["reason"] == DUPLICATE_BYTES and not a[1]["survivor"]
+    assert a[1]["reason"] == R.DUPLICATE_BYTES and not a[1]["survivor"]
     bridged = {a[u]["cluster_id"] for u in (3, 4, 5, 6)} | {b[22]["cluster_id"]}
     assert bridged == {3} and a[5]["cluster_size"] == 5
-    assert b[23]["cluster_id"] == 7 and b[23]["reason"] == NEAR_DUPLICATE_PHASH
+    assert b[23]["cluster_id"] == 7 and b[23]["reason"] == R.NEAR_DUPLICATE_PHASH
 
 
 def test_rerun_with_the_same_inputs_writes_nothing(tmp_path: Path) -> None:

@@ -13,10 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
+from curation import records as R
 from curation.phash import (
-    ERROR,
     PATH,
-    PHASH,
     PhashConfig,
     add_phash_parser,
     find_images,
@@ -169,7 +168,7 @@ def test_write_hashes_one_row_per_file(image_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "hashes.parquet"
     write_hashes(paths, str(out))
     table = pq.read_table(out)
-    assert table.column_names == [PATH, PHASH, ERROR]
+    assert table.column_names == [PATH, R.PHASH, R.ERROR]
     assert all(table.schema.field(c).type == pa.string() for c in table.column_names)
     rows = table.to_pylist()
     assert [r[PATH] for r in rows] == paths
@@ -177,10 +176,10 @@ def test_write_hashes_one_row_per_file(image_dir: Path, tmp_path: Path) -> None:
     for name in ("a.jpg", "b.png", "c.JPEG", "d.webp"):
         row = by_name[name]
         with Image.open(row[PATH]) as img:
-            assert row[PHASH] == str(imagehash.phash(img)) and row[ERROR] is None
+            assert row[R.PHASH] == str(imagehash.phash(img)) and row[R.ERROR] is None
     for name in ("broken.jpg", "missing.png"):
-        assert by_name[name][PHASH] is None and by_name[name][ERROR]
-    assert "FileNotFoundError" in by_name["missing.png"][ERROR]
+        assert by_name[name][R.PHASH] is None and by_name[name][R.ERROR]
+    assert "FileNotFoundError" in by_name["missing.png"][R.ERROR]
 
 
 def test_find_images_recurses_and_filters(image_dir: Path) -> None:
@@ -234,7 +233,7 @@ def test_cli_parser_hashes_files_and_directories(
     assert args.func(args) == 0
     table = pq.read_table(out).to_pylist()
     assert len(table) == 6  # five image-suffixed files under the folder (one broken) plus the named file
-    assert table[-1][PATH] == str(extra) and table[-1][PHASH] == REFERENCE[2]
+    assert table[-1][PATH] == str(extra) and table[-1][R.PHASH] == REFERENCE[2]
     assert '"errors": 1' in capsys.readouterr().out
 
     missing = build_parser().parse_args(["phash", str(tmp_path / "nope"), "-o", str(out)])

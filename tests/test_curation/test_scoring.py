@@ -20,17 +20,13 @@ from curation import records as R
 from curation.heads import HeadTrainConfig, train_head
 from curation.io import file_sha256, read_marker, remove, write_marker, write_parquet
 from curation.layout import Lake, Partition
+from curation.models import checkpoint_identity
 from curation.scoring import (
-    CLIP_CHECKPOINT,
-    HEAD_COLUMNS,
-    NSFW_TAG,
-    SCORE_COLUMNS,
     ScoringConfig,
-    checkpoint_identity,
-    report_metadata,
     score_partition,
     verify_clip_partition,
 )
+from curation.stages import materialize_clip
 from tests.test_curation.conftest import TINY_CONFIG
 from tests.test_curation.test_clip import make_partition
 
@@ -87,19 +83,19 @@ def test_scores_every_pair_with_model_and_head_identity(lake: tuple[str, Any], h
     result = score_partition(root, PART, config_of(spec_of(tiny_model_name, heads)))
     table = pq.read_table(Lake(root).table("clip", PART))
     assert table.equals(result.table)
-    assert set(SCORE_COLUMNS) <= set(table.column_names)
+    assert set(R.SCORE_COLUMNS) <= set(table.column_names)
     assert table.num_rows == made.pairs.num_rows
     rows = {r[R.UID]: r for r in table.to_pylist()}
     ok = [r for r in rows.values() if r[R.STATUS] == R.STATUS_OK]
     assert len(ok) == len(made.image_bytes) == result.clip_pass.n_embedded
     for r in ok:
         assert 0.0 <= r["punsafe"] <= 1.0 and 0.0 <= r["pwatermark"] <= 1.0
-        assert r["aesthetic"] is not None and r[NSFW_TAG] in ("UNLIKELY", "UNSURE", "NSFW")
+        assert r["aesthetic"] is not None and r[R.NSFW_TAG] in ("UNLIKELY", "UNSURE", "NSFW")
     bad = rows[made.corrupt_uid]
     assert bad[R.STATUS] == R.STATUS_FAILED_DECODE and bad[R.REASON] == R.STATUS_FAILED_DECODE
-    assert bad["punsafe"] is None and bad[NSFW_TAG] is None and bad[R.KEEP] is False
-    assert {r[CLIP_CHECKPOINT] for r in rows.values()} == {"random-init"}
-    for kind, column in HEAD_COLUMNS.items():
+    assert bad["punsafe"] is None and bad[R.NSFW_TAG] is None and bad[R.KEEP] is False
+    assert {r[R.CLIP_CHECKPOINT] for r in rows.values()} == {"random-init"}
+    for kind, column in R.HEAD_COLUMNS.items():
         assert {r[column] for r in rows.values()} == {file_sha256(heads[kind])}
     marker = read_marker(Lake(root).partition_dir("clip", PART))
     assert marker is not None and marker["embedded"] == len(ok) and marker["heads"]["punsafe"] == file_sha256(
@@ -124,7 +120,7 @@ def test_without_heads_scores_are_null_but_tags_remain(lake: tuple[str, Any], ti
     root, _ = lake
     result = score_partition(root, PART, config_of(spec_of(tiny_model_name)))
     ok = [r for r in result.table.to_pylist() if r[R.STATUS] == R.STATUS_OK]
-    assert ok and all(r["punsafe"] is None and r["aesthetic"] is None and r[NSFW_TAG] for r in ok)
+    assert ok and all(r["punsafe"] is None and r["aesthetic"] is None and r[R.NSFW_TAG] for r in ok)
     assert result.head_sha256 == {}
     assert verify_clip_partition(root, PART) == []
 
@@ -198,17 +194,20 @@ def _png(markdown: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data)))
 
 
-def test_report_has_counts_and_inline_charts(lake: tuple[str, Any], heads: dict[str, str],
-                                             tiny_model_name: str) -> None:
+def test_clip_report_has_counts_inline_charts_and_its_check(lake: tuple[str, Any], heads: dict[str, str],
+                                                             tiny_model_name: str) -> None:
     root, made = lake
-    config = config_of(spec_of(tiny_model_name, heads))
-    meta = report_metadata(score_partition(root, PART, config), config)
-    assert meta["dagster/row_count"]["raw_value"] == made.pairs.num_rows
-    assert meta["embedded"]["raw_value"] == len(made.image_bytes)
-    charts = meta["charts"]["raw_value"].split("\n\n")
+    options = {"device": "cpu", "precision": "fp32", "batch_size": 3, "num_workers": 0}
+    report = materialize_clip(root, PART, spec_of(tiny_model_name, heads), options)
+    meta = report.metadata
+    assert meta["dagster/row_count"] == ("int", made.pairs.num_rows)
+    assert meta["embedded"] == ("int", len(made.image_bytes))
+    charts = meta["charts"][1].split("\n\n")
     assert len(charts) == 2 + 3  # funnel, similarity, one per head
     assert all(_png(c).format == "PNG" for c in charts)
-    assert "failed_to_decode" in meta["by_reason"]["raw_value"]
+    assert "failed_to_decode" in meta["by_reason"][1]
+    [check] = report.checks
+    assert (check.name, check.passed, check.metadata["problems"]) == ("embeddings_aligned", True, ("text", "none"))
 
 
 def test_histogram_counts_are_drawn_to_scale() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from curation.download import DownloadConfig
 from curation.netguard import NetPolicy
-from curation.stages import download_options, pipes_metadata
+from curation.stages import download_options
 
 
 def test_download_options_build_config_and_policy() -> None:
@@ -23,7 +23,3 @@ def test_unknown_download_options_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown download options"):
         download_options({"allow_everything": True})
 
-
-def test_pipes_metadata_keeps_types() -> None:
-    assert pipes_metadata({"n": ("int", 3), "t": ("md", "| a |")}) == {
-        "n": {"raw_value": 3, "type": "int"}, "t": {"raw_value": "| a |", "type": "md"}}

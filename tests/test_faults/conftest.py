@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from curation.sample_server import SampleWebServer
+from curation.sample.server import SampleWebServer
 from tests.conftest import SampleWeb
 from tests.test_curation.conftest import TINY, TINY_CONFIG
 from tests.test_faults.harness import StageServer

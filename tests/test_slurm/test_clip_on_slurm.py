@@ -17,7 +17,7 @@ from dagster_slurm import ComputeResource
 from assets.clip import clip
 from assets.downloads import build_downloads, downloads
 from assets.pairs import build_pairs, pairs
-from curation.sample_server import SampleWebServer
+from curation.sample.server import SampleWebServer
 from resources.clip_model import ClipModelResource
 from resources.compute import build_compute
 from resources.downloader import DownloaderResource

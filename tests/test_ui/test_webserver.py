@@ -33,7 +33,7 @@ from PIL import Image
 
 from assets.downloads import downloads
 from assets.pairs import pairs
-from curation.sample_server import SampleWebServer
+from curation.sample.server import SampleWebServer
 from resources.downloader import DownloaderResource
 from resources.storage import LakeResource
 from tests.conftest import SampleWeb, free_port

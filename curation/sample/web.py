@@ -2,7 +2,7 @@
 
 `generate_sample_web(out, SampleWebConfig(...))` writes
 
-- ``web/<host>/<path>``: the image bytes the sample server serves (see `curation.sample_server`);
+- ``web/<host>/<path>``: the image bytes the sample server serves (see `curation.sample.server`);
 - ``crawl-data/<CRAWL>/{wat,segment}.paths.gz`` and per-segment ``*.warc.wat.gz`` files in Common
   Crawl's layout, one gzip member per WARC record, with CC's JSON envelope;
 - ``truth.parquet``: one row per image link URL with what every stage should conclude about it
@@ -768,16 +768,24 @@ class WatWriter:
             f"<urn:uuid:{uuid.UUID(bytes=hashlib.md5((page_url + k).encode()).digest())}>"
             for k in ("req", "resp", "meta")
         )
-        stamp = self._stamp(fetched)
-        path = "/" + page_url.split("/", 3)[3]
         common: dict[str, str | list[str]] = {
-            "WARC-Date": stamp,
+            "WARC-Date": self._stamp(fetched),
             "WARC-Warcinfo-ID": self.warcinfo_id,
             "WARC-IP-Address": host.split(":")[0],
             "WARC-Target-URI": page_url,
         }
         if list_headers:  # repeated headers are JSON lists since CC-MAIN-2024-51
             common["WARC-Protocol"] = ["http/1.1", "tls/1.3"]
+        # The three records in CC's order: each record's id and the WARC offset depend on what came before.
+        self._add_request(page_url, host, req_id, common)
+        html_len = 4000 + 120 * len(links)
+        html_meta: dict[str, Any] = {"Head": self._html_head(title, base), "Links": links}
+        headers = self._response_headers(fetched, html_len, list_headers)
+        self._add_response(page_url, resp_id, req_id, common, headers, html_meta, html_len)
+        self._add_fetch_metadata(page_url, meta_id, resp_id, common, len(links))
+
+    def _add_request(self, page_url: str, host: str, req_id: str, common: dict[str, str | list[str]]) -> None:
+        """Add the metadata record of the crawler's GET request for `page_url`."""
         req_meta = {
             "WARC-Type": "request",
             "WARC-Record-ID": req_id,
@@ -789,7 +797,7 @@ class WatWriter:
             "Actual-Content-Type": "application/http; msgtype=request",
             "Trailing-Slop-Length": "4",
             "HTTP-Request-Metadata": {
-                "Request-Message": {"Method": "GET", "Path": path, "Version": "HTTP/1.1"},
+                "Request-Message": {"Method": "GET", "Path": "/" + page_url.split("/", 3)[3], "Version": "HTTP/1.1"},
                 "Headers-Length": "310",
                 "Entity-Length": "0",
                 "Entity-Trailing-Slop-Length": "0",
@@ -805,7 +813,9 @@ class WatWriter:
         }
         self._record("metadata", page_url, req_id, "application/json", self._envelope(req_meta, req_payload, 312))
 
-        html_len = 4000 + 120 * len(links)
+    @staticmethod
+    def _response_headers(fetched: datetime, html_len: int, list_headers: bool) -> dict[str, Any]:
+        """The HTTP headers of a page's 200 response (repeated ones as JSON lists when `list_headers`)."""
         headers: dict[str, Any] = {
             "Date": fetched.strftime("%a, %d %b %Y %H:%M:%S GMT"),
             "Server": "nginx",
@@ -815,6 +825,11 @@ class WatWriter:
         if list_headers:
             headers["Set-Cookie"] = ["session=abc; Path=/", "consent=0; Path=/"]
             headers["Vary"] = ["Accept-Encoding", "User-Agent"]
+        return headers
+
+    @staticmethod
+    def _html_head(title: str, base: str | None) -> dict[str, Any]:
+        """The page's HTML-Metadata Head: title, metas, stylesheet and icon links, script, and `base` if any."""
         head: dict[str, Any] = {
             "Title": title,
             "Metas": [
@@ -829,6 +844,19 @@ class WatWriter:
         }
         if base is not None:
             head["Base"] = base
+        return head
+
+    def _add_response(
+        self,
+        page_url: str,
+        resp_id: str,
+        req_id: str,
+        common: dict[str, str | list[str]],
+        headers: dict[str, Any],
+        html_meta: dict[str, Any],
+        html_len: int,
+    ) -> None:
+        """Add the metadata record of the page's 200 response (concurrent to request `req_id`)."""
         resp_meta = {
             "WARC-Type": "response",
             "WARC-Record-ID": resp_id,
@@ -848,13 +876,17 @@ class WatWriter:
                 "Entity-Length": str(html_len),
                 "Entity-Trailing-Slop-Length": "0",
                 "Headers": headers,
-                "HTML-Metadata": {"Head": head, "Links": links},
+                "HTML-Metadata": html_meta,
             },
         }
         self._record(
             "metadata", page_url, resp_id, "application/json", self._envelope(resp_meta, resp_payload, html_len + 300)
         )
 
+    def _add_fetch_metadata(
+        self, page_url: str, meta_id: str, resp_id: str, common: dict[str, str | list[str]], n_links: int
+    ) -> None:
+        """Add the crawler's metadata record of the page (fetch time, charset, languages) for response `resp_id`."""
         meta_meta = {
             "WARC-Type": "metadata",
             "WARC-Record-ID": meta_id,
@@ -867,7 +899,7 @@ class WatWriter:
             "Actual-Content-Type": "application/warc-fields",
             "WARC-Metadata-Metadata": {
                 "Metadata-Records": [
-                    {"Name": "fetchTimeMs", "Value": str(50 + len(links))},
+                    {"Name": "fetchTimeMs", "Value": str(50 + n_links)},
                     {"Name": "charset-detected", "Value": "UTF-8"},
                     {"Name": "languages-cld2", "Value": '{"languages":[{"code":"en","text-covered":0.9}]}'},
                 ]
@@ -1039,67 +1071,99 @@ def generate_sample_web(out: str | Path, cfg: SampleWebConfig | None = None) -> 
     cfg = cfg or SampleWebConfig()
     out = Path(out)
     plan = _Planner(out, cfg)
-    rng = plan.rng
     start = datetime(2024, 12, 2, 1, 0, 0, tzinfo=UTC)
     seg_ids = _segment_ids(cfg, start)
-    wat_slots = [(s, k) for s in range(cfg.segments) for k in range(cfg.wat_files_per_segment)]
 
     # 1. Pages and links.
-    pages: list[dict[str, Any]] = []
-    seen_links: list[Link] = []
-    for p in range(cfg.pages):
-        seg, k = wat_slots[p % len(wat_slots)]
-        site = int(rng.integers(20))
-        section = ("gallery", "shop", "blog", "news")[int(rng.integers(4))]
-        authority = cfg.authority(0)
-        page_url = f"http://{authority}/site{site:02d}/{section}/page{p:04d}.html"
-        base: str | None = None
-        r = rng.random()
-        if r < 0.12 and len(cfg.hosts) > 1:
-            base = f"http://{cfg.authority(1)}/cdn/site{site:02d}/"
-        elif r < 0.18:
-            base = f"/site{site:02d}/static/"
-        links_here: list[Link] = []
-        for _ in range(int(rng.integers(cfg.images_per_page[0], cfg.images_per_page[1] + 1))):
-            if rng.random() < 0.1:
-                links_here.append(plan.excluded_link(page_url, authority, site))
-                continue
-            if seen_links and rng.random() < 0.015:
-                # The same (url, alt) again, possibly in another segment; spelled absolute, since a
-                # relative src would resolve differently on this page.
-                again = seen_links[int(rng.integers(len(seen_links)))]
-                links_here.append(Link(again.url, again.url, "absolute", again.alt_raw, again.truth))
-                continue
-            for link in _image_links(plan, page_url, base, site, section):
-                links_here.append(link)
-                seen_links.append(link)
-        pages.append(
-            {
-                "url": page_url,
-                "segment": seg,
-                "wat": k,
-                "base": base,
-                "links": links_here,
-                "site": site,
-                "fetched": start + timedelta(hours=seg, seconds=7 * p),
-                "title": f"Site {site} - {section} page {p}",
-            }
-        )
-    _plant_behaviours(plan, pages, rng)
+    pages = _plan_pages(plan, start)
+    _plant_behaviours(plan, pages, plan.rng)
 
     # 2. Render every image (parallel), enforcing that distinct originals are perceptually distinct.
     rendered = _render_distinct(plan)
 
     # 3. Write served files, WAT files, listings, truth.
-    web = out / "web"
-    rows = _write_served_files_and_truth_rows(plan, pages, rendered, web, cfg, seg_ids)
+    rows = _write_served_files_and_truth_rows(plan, pages, rendered)
     wat_rel = _write_wats(out, cfg, pages, seg_ids, start)
     _write_listings(out, cfg, seg_ids, wat_rel)
     for row in rows:
         row["wat_file"] = wat_rel[(row.pop("_seg"), row.pop("_wat"))]
     table = pa.Table.from_pylist(rows, schema=TRUTH_SCHEMA)
     write_parquet(table, str(out / "truth.parquet"))
-    manifest = {
+    manifest = _manifest(cfg, seg_ids, wat_rel, rows, len(rendered))
+    write_json(manifest, str(out / "manifest.json"))
+    return manifest
+
+
+def _plan_pages(plan: _Planner, start: datetime) -> list[dict[str, Any]]:
+    """Every page of the crawl (url, segment, WAT slot, base, links, site, fetch time, title), in crawl order."""
+    rng, cfg = plan.rng, plan.cfg
+    wat_slots = [(s, k) for s in range(cfg.segments) for k in range(cfg.wat_files_per_segment)]
+    pages: list[dict[str, Any]] = []
+    seen_links: list[Link] = []
+    for p in range(cfg.pages):
+        seg, k = wat_slots[p % len(wat_slots)]
+        site = int(rng.integers(20))
+        section = ("gallery", "shop", "blog", "news")[int(rng.integers(4))]
+        page_url = f"http://{cfg.authority(0)}/site{site:02d}/{section}/page{p:04d}.html"
+        base = _page_base(plan, site)
+        links = _page_links(plan, page_url, base, site, section, seen_links)
+        pages.append(
+            {
+                "url": page_url,
+                "segment": seg,
+                "wat": k,
+                "base": base,
+                "links": links,
+                "site": site,
+                "fetched": start + timedelta(hours=seg, seconds=7 * p),
+                "title": f"Site {site} - {section} page {p}",
+            }
+        )
+    return pages
+
+
+def _page_base(plan: _Planner, site: int) -> str | None:
+    """The page's <base href>: none, the CDN host's site folder (when there is a second host) or a static path."""
+    cfg = plan.cfg
+    r = plan.rng.random()
+    if r < 0.12 and len(cfg.hosts) > 1:
+        return f"http://{cfg.authority(1)}/cdn/site{site:02d}/"
+    if r < 0.18:
+        return f"/site{site:02d}/static/"
+    return None
+
+
+def _page_links(
+    plan: _Planner, page_url: str, base: str | None, site: int, section: str, seen_links: list[Link]
+) -> list[Link]:
+    """The image links of one page: excluded ones, repeats of `seen_links`, and new images (added to it)."""
+    rng, cfg = plan.rng, plan.cfg
+    links_here: list[Link] = []
+    for _ in range(int(rng.integers(cfg.images_per_page[0], cfg.images_per_page[1] + 1))):
+        if rng.random() < 0.1:
+            links_here.append(plan.excluded_link(page_url, cfg.authority(0), site))
+            continue
+        if seen_links and rng.random() < 0.015:
+            # The same (url, alt) again, possibly in another segment; spelled absolute, since a
+            # relative src would resolve differently on this page.
+            again = seen_links[int(rng.integers(len(seen_links)))]
+            links_here.append(Link(again.url, again.url, "absolute", again.alt_raw, again.truth))
+            continue
+        for link in _image_links(plan, page_url, base, site, section):
+            links_here.append(link)
+            seen_links.append(link)
+    return links_here
+
+
+def _manifest(
+    cfg: SampleWebConfig,
+    seg_ids: list[str],
+    wat_rel: dict[tuple[int, int], str],
+    rows: list[dict[str, Any]],
+    n_images: int,
+) -> dict[str, Any]:
+    """The manifest.json contents: the config, crawl id, hosts, port, segments, WAT files and counts."""
+    return {
         "version": 1,
         "config": asdict(cfg),
         "crawl": cfg.crawl,
@@ -1110,10 +1174,8 @@ def generate_sample_web(out: str | Path, cfg: SampleWebConfig | None = None) -> 
         "pages": cfg.pages,
         "image_links": len(rows),
         "extractable": int(sum(1 for r in rows if r["extract"])),
-        "images": len(rendered),
+        "images": n_images,
     }
-    write_json(manifest, str(out / "manifest.json"))
-    return manifest
 
 
 TRUTH_SCHEMA = pa.schema(
@@ -1312,84 +1374,96 @@ def _bytes_for(
 
 
 def _write_served_files_and_truth_rows(
-    plan: _Planner,
-    pages: list[dict[str, Any]],
-    rendered: dict[str, Rendered],
-    web: Path,
-    cfg: SampleWebConfig,
-    seg_ids: list[str],
+    plan: _Planner, pages: list[dict[str, Any]], rendered: dict[str, Rendered]
 ) -> list[dict[str, Any]]:
+    """Write the bytes each distinct link URL serves under web/ and return one truth row per URL.
+
+    A URL linked again (on any page) keeps the row of its first link and counts one more occurrence.
+    """
     rows: dict[str, dict[str, Any]] = {}
-    rng = plan.rng
     for pg in pages:
         for link in pg["links"]:
             if link.url in rows:
                 rows[link.url]["occurrences"] += 1
                 continue
-            row: dict[str, Any] = dict.fromkeys(TRUTH_COLUMNS)
-            row.update(
-                url=link.url,
-                src=link.src,
-                link_form=link.link_form,
-                page_url=pg["url"],
-                segment=f"{pg['segment']:03d}",
-                occurrences=1,
-                alt_raw=link.alt_raw,
-                _seg=pg["segment"],
-                _wat=pg["wat"],
-                watermark=False,
-                unsafe=False,
-            )
-            t = link.truth
-            if not t:  # an excluded link
+            row = _page_row(pg, link)
+            if not link.truth:  # an excluded link
                 row.update(extract=False, exclude_reason=_exclude_reason(link), http_behavior="not_served")
-                rows[link.url] = row
-                continue
-            spec = plan.specs[t["image_id"]]
-            behaviour = t["http_behavior"]
-            data, w, h, fmt = _bytes_for(behaviour, rendered[spec.image_id], spec, rng)
-            status, reason = HTTP_BEHAVIOURS[behaviour]
-            served = behaviour not in ("not_found", "server_error", "redirect_loop")
-            rel = None
-            if served:
-                host_port, path = link.url.split("://", 1)[1].split("/", 1)
-                rel = f"web/{host_port.split(':')[0]}/{path}"
-                target = plan.out / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(data)
-            row.update(
-                caption=t["caption"],
-                language=t["language"],
-                extract=True,
-                concept=spec.concept,
-                shape=spec.shape,
-                colour=spec.colour,
-                background=spec.background,
-                count=spec.count,
-                caption_matches=t["caption_matches"],
-                dup_group=t["dup_group"],
-                dup_kind=t["dup_kind"],
-                exact_copy_of=t["exact_copy_of"],
-                watermark=spec.watermark,
-                unsafe=spec.concept == UNSAFE_CONCEPT,
-                aesthetic=plan.aesthetic(spec),
-                grain=spec.grain,
-                width=w or None,
-                height=h or None,
-                format=fmt,
-                http_behavior=behaviour,
-                expect_status=status,
-                expect_reason=reason,
-                file=rel,
-                sha256=hashlib.sha256(data).hexdigest() if served else None,
-                bytes=len(data) if served else None,
-                phash=rendered[spec.image_id].phash
-                if behaviour in ("ok", "redirect", "slow", "x_robots_nofollow", "wrong_content_type")
-                else None,
-                split="heldout" if int(hashlib.sha1(spec.image_id.encode()).hexdigest(), 16) % 5 == 0 else "train",
-            )
+            else:
+                row.update(_image_truth(plan, link, rendered))
             rows[link.url] = row
     return list(rows.values())
+
+
+def _page_row(pg: dict[str, Any], link: Link) -> dict[str, Any]:
+    """A truth row with what page `pg` says about `link` (its WAT slot in `_seg`/`_wat`); other columns None."""
+    row: dict[str, Any] = dict.fromkeys(TRUTH_COLUMNS)
+    row.update(
+        url=link.url,
+        src=link.src,
+        link_form=link.link_form,
+        page_url=pg["url"],
+        segment=f"{pg['segment']:03d}",
+        occurrences=1,
+        alt_raw=link.alt_raw,
+        _seg=pg["segment"],
+        _wat=pg["wat"],
+        watermark=False,
+        unsafe=False,
+    )
+    return row
+
+
+def _image_truth(plan: _Planner, link: Link, rendered: dict[str, Rendered]) -> dict[str, Any]:
+    """Write what an image link serves (unless its behaviour serves nothing); return its image and HTTP truth."""
+    t = link.truth
+    spec = plan.specs[t["image_id"]]
+    behaviour = t["http_behavior"]
+    data, w, h, fmt = _bytes_for(behaviour, rendered[spec.image_id], spec, plan.rng)
+    status, reason = HTTP_BEHAVIOURS[behaviour]
+    served = behaviour not in ("not_found", "server_error", "redirect_loop")
+    rel = _write_served_file(plan.out, link.url, data) if served else None
+    return {
+        "caption": t["caption"],
+        "language": t["language"],
+        "extract": True,
+        "concept": spec.concept,
+        "shape": spec.shape,
+        "colour": spec.colour,
+        "background": spec.background,
+        "count": spec.count,
+        "caption_matches": t["caption_matches"],
+        "dup_group": t["dup_group"],
+        "dup_kind": t["dup_kind"],
+        "exact_copy_of": t["exact_copy_of"],
+        "watermark": spec.watermark,
+        "unsafe": spec.concept == UNSAFE_CONCEPT,
+        "aesthetic": plan.aesthetic(spec),
+        "grain": spec.grain,
+        "width": w or None,
+        "height": h or None,
+        "format": fmt,
+        "http_behavior": behaviour,
+        "expect_status": status,
+        "expect_reason": reason,
+        "file": rel,
+        "sha256": hashlib.sha256(data).hexdigest() if served else None,
+        "bytes": len(data) if served else None,
+        "phash": rendered[spec.image_id].phash
+        if behaviour in ("ok", "redirect", "slow", "x_robots_nofollow", "wrong_content_type")
+        else None,
+        "split": "heldout" if int(hashlib.sha1(spec.image_id.encode()).hexdigest(), 16) % 5 == 0 else "train",
+    }
+
+
+def _write_served_file(out: Path, url: str, data: bytes) -> str:
+    """Write `data` where the sample server serves `url` from; return that path relative to `out`."""
+    host_port, path = url.split("://", 1)[1].split("/", 1)
+    rel = f"web/{host_port.split(':')[0]}/{path}"
+    target = out / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return rel
 
 
 def _exclude_reason(link: Link) -> str:

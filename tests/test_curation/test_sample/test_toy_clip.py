@@ -12,22 +12,20 @@ import open_clip
 import pytest
 import torch
 
-from curation import toyclip
 from curation.io import file_sha256
-from curation.sample_web import generate_sample_web
-from curation.toyclip import (
-    MODEL_DEFAULTS,
+from curation.models import MODEL_CONFIG_DIR, MODEL_DEFAULTS, model_defaults, register_model_configs
+from curation.sample import toy_clip
+from curation.sample.toy_clip import (
     TOY_MODEL_NAME,
     ToyClipTrainConfig,
     best_threshold,
     concept_names,
     ensure_toy_clip,
-    load_clip,
-    model_defaults,
-    register_model_configs,
+    load_cpu,
     train_toy_clip,
     zero_shot_accuracy,
 )
+from curation.sample.web import generate_sample_web
 from tests.conftest import SampleWeb, free_port
 
 # Held-out top-1 over 37 classes (chance 0.027) of the shipped config on the default web: the target.
@@ -51,7 +49,7 @@ def test_config_registers_idempotently_and_builds_offline() -> None:
     search_path = list(open_clip.factory._MODEL_CONFIG_PATHS)
     assert register_model_configs() == names
     assert search_path == open_clip.factory._MODEL_CONFIG_PATHS  # a second call adds nothing
-    cfg = json.loads((toyclip.MODEL_CONFIG_DIR / f"{TOY_MODEL_NAME}.json").read_text())
+    cfg = json.loads((MODEL_CONFIG_DIR / f"{TOY_MODEL_NAME}.json").read_text())
     model, _, preprocess = open_clip.create_model_and_transforms(TOY_MODEL_NAME, pretrained=None)
     model.eval()
     with torch.no_grad():
@@ -68,7 +66,7 @@ def test_every_sample_web_caption_fits_the_context(sample_web: SampleWeb) -> Non
     context = open_clip.get_model_config(TOY_MODEL_NAME)["text_cfg"]["context_length"]
     assert tokenizer.context_length == context
     captions = {str(r["caption"]) for r in sample_web.truth() if r["caption"]}
-    captions |= {p for c in concept_names() for p in toyclip.concept_prompts(c)}
+    captions |= {p for c in concept_names() for p in toy_clip.concept_prompts(c)}
     longest = max(len(tokenizer.encode(c)) + 2 for c in captions)  # + start and end tokens
     assert longest <= context
 
@@ -135,10 +133,10 @@ def test_checkpoint_loads_through_open_clip_and_reproduces_embeddings(
 
     # The embeddings recorded from the in-memory model at training time come back from the file.
     meta = json.loads(Path(tiny_checkpoint + ".json").read_text())
-    probe = toyclip.probe_embeddings(load_clip(TOY_MODEL_NAME, tiny_checkpoint))
+    probe = toy_clip.probe_embeddings(load_cpu(TOY_MODEL_NAME, tiny_checkpoint))
     for key in ("image_embedding_head", "text_embedding_head"):
         np.testing.assert_allclose(np.array(probe[key]), np.array(meta["probe"][key]), atol=1e-6)
-    untrained = toyclip.probe_embeddings(load_clip(TOY_MODEL_NAME, None))
+    untrained = toy_clip.probe_embeddings(load_cpu(TOY_MODEL_NAME, None))
     assert not np.allclose(
         np.array(untrained["image_embedding_head"]), np.array(probe["image_embedding_head"]), atol=1e-3
     )
@@ -146,7 +144,7 @@ def test_checkpoint_loads_through_open_clip_and_reproduces_embeddings(
     # The sidecar is complete and its evaluation is what a fresh load measures.
     assert meta["model_name"] == TOY_MODEL_NAME
     assert meta["checkpoint_sha256"] == file_sha256(str(tiny_checkpoint))
-    assert meta["sample_web_digest"] == toyclip.sample_web_digest(str(sample_web.root))
+    assert meta["sample_web_digest"] == toy_clip.sample_web_digest(str(sample_web.root))
     assert meta["train_config"]["epochs"] == TINY.epochs
     assert meta["n_pairs"] == 128 + TINY.corpus_pairs  # the web's capped pairs plus the corpus
     assert len(meta["epoch_losses"]) == TINY.epochs and meta["final_loss"] == meta["epoch_losses"][-1]
@@ -165,7 +163,7 @@ def test_ensure_toy_clip_trains_once(
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("ensure_toy_clip retrained a cached model")
 
-    monkeypatch.setattr(toyclip, "train_toy_clip", no_training)
+    monkeypatch.setattr(toy_clip, "train_toy_clip", no_training)
     assert ensure_toy_clip(str(sample_web.root), cache, TINY) == tiny_checkpoint
     assert Path(tiny_checkpoint).stat().st_mtime_ns == before
     assert Path(tiny_checkpoint).name.startswith(f"{TOY_MODEL_NAME}-")
@@ -177,8 +175,8 @@ def test_ensure_toy_clip_trains_once(
 def test_cache_key_ignores_the_server_port_but_not_content(sample_web: SampleWeb, tmp_path: Path) -> None:
     moved = generate_sample_web(tmp_path / "moved", replace(sample_web.config, port=free_port()))
     assert moved["port"] != sample_web.config.port
-    assert toyclip.cache_key(str(tmp_path / "moved"), TINY) == toyclip.cache_key(str(sample_web.root), TINY)
-    assert toyclip.cache_key(str(sample_web.root), replace(TINY, lr=1e-3)) != toyclip.cache_key(
+    assert toy_clip.cache_key(str(tmp_path / "moved"), TINY) == toy_clip.cache_key(str(sample_web.root), TINY)
+    assert toy_clip.cache_key(str(sample_web.root), replace(TINY, lr=1e-3)) != toy_clip.cache_key(
         str(sample_web.root), TINY
     )
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from warcio.archiveiterator import ArchiveIterator
 
-from curation.sample_web import (
+from curation.sample.web import (
     HTTP_BEHAVIOURS,
     TRUTH_COLUMNS,
     SampleWebConfig,

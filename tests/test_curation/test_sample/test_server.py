@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image
 
-from curation.sample_server import SampleWebServer
+from curation.sample.server import SampleWebServer
 from tests.conftest import SampleWeb
 
 

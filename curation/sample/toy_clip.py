@@ -1,18 +1,18 @@
 """A toy CLIP the project trains on its own sample web and loads exactly like a real open_clip checkpoint.
 
-- `register_model_configs()` registers the open_clip architecture configs shipped in
-  ``curation/model_configs/`` (``toy-clip``: 64 px, a small ModifiedResNet image tower and a 3-layer text
-  transformer; 8.3M parameters, 6.3M of them the BPE token table).
+- Its architecture config ships with the package in ``curation/model_configs/`` (``toy-clip``: 64 px, a small
+  ModifiedResNet image tower and a 3-layer text transformer; 8.3M parameters, 6.3M of them the BPE token
+  table), registered by `curation.models.register_model_configs`.
 - `train_toy_clip(root, out_path, ToyClipTrainConfig())` trains it with open_clip's own contrastive loss on
   the sample web's matching (image, caption) pairs of the train split, plus (by default 20,000) pairs the
-  sample-web generator draws fresh for training (`sample_web.training_corpus`: same distribution, a random
+  sample-web generator draws fresh for training (`sample.web.training_corpus`: same distribution, a random
   stream no sample web uses, so held-out and fixture images stay unseen), and writes a plain ``state_dict``
   file, so ``open_clip.create_model_and_transforms("toy-clip", pretrained=out_path)`` loads it, plus a
   ``<out_path>.json`` sidecar (digests, training config, loss, held-out zero-shot accuracy, calibrated
   similarity thresholds).
 - `zero_shot_accuracy(...)` classifies held-out sample-web images among every concept.
 - `calibrate_thresholds(...)` picks the cosine thresholds that best separate matching from mismatched
-  captions; `MODEL_DEFAULTS` holds the published thresholds of real models, `model_defaults()` both.
+  captions (recorded in the sidecar, where `curation.models.model_defaults` finds them).
 - `ensure_toy_clip(root, cache_dir)` trains once per (training config, sample web) and reuses the file.
 """
 
@@ -31,65 +31,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from curation.clip import ClipPassConfig, LoadedClip, load_clip
 from curation.io import atomic_path, file_sha256, is_local, write_json
-from curation.sample_web import COLOURS, SHAPE_PLURALS, SHAPES, UNSAFE_CONCEPT, recorded_config, shrink, training_corpus
+from curation.models import SIDECAR_SUFFIX, model_config
+from curation.sample.web import COLOURS, SHAPE_PLURALS, SHAPES, UNSAFE_CONCEPT, recorded_config, shrink, training_corpus
 
 log = logging.getLogger(__name__)
 
 TOY_MODEL_NAME = "toy-clip"
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-# Download behaviours whose served bytes are the real image (see sample_web.HTTP_BEHAVIOURS).
+# Download behaviours whose served bytes are the real image (see web.HTTP_BEHAVIOURS).
 IMAGE_BEHAVIOURS = ("ok", "redirect", "slow", "x_robots_nofollow", "wrong_content_type")
 SAVE_DTYPES = ("float32", "float16")
-SIDECAR_SUFFIX = ".json"
+# Encoding batch sizes of the evaluation (batching can move the last bits of a CPU forward pass).
+IMAGE_BATCH, TEXT_BATCH = 256, 512
 # Bumped whenever training code changes what a given config produces, so cached checkpoints are retrained.
 TRAIN_CODE_VERSION = 4
-
-# Published pair-filter thresholds per (model, pretrained tag), keyed "model/tag" (see `defaults_key`).
-# Only LAION-5B's ViT-B/32 numbers are documented (chosen by human inspection); other seed models carry
-# None and must be calibrated (`calibrate_thresholds`) before they filter anything.
-MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ViT-B-32/openai": {
-        "threshold_en": 0.28,
-        "threshold_other": 0.26,
-        "embed_dim": 512,
-        "image_size": 224,
-        "source": "LAION-5B: B/32 >= 0.28 (en), mCLIP >= 0.26 (multi/nolang); LAION-400M used 0.30",
-    },
-    "ViT-L-14/openai": {
-        "threshold_en": None,
-        "threshold_other": None,
-        "embed_dim": 768,
-        "image_size": 224,
-        "source": "LAION's embedding/NSFW/aesthetic backbone; no published pair-filter threshold",
-    },
-    "ViT-B-32-256/datacomp_s34b_b86k": {
-        "threshold_en": None,
-        "threshold_other": None,
-        "embed_dim": 512,
-        "image_size": 256,
-        "source": "no published pair-filter threshold",
-    },
-    "ViT-H-14/laion2b_s32b_b79k": {
-        "threshold_en": None,
-        "threshold_other": None,
-        "embed_dim": 1024,
-        "image_size": 224,
-        "source": "H-14 index backbone; no published pair-filter threshold",
-    },
-    "xlm-roberta-large-ViT-H-14/frozen_laion5b_s13b_b90k": {
-        "threshold_en": None,
-        "threshold_other": None,
-        "embed_dim": 1024,
-        "image_size": 224,
-        "source": "multilingual text tower; no published pair-filter threshold",
-    },
-}
 
 # Zero-shot prompts: every colour x shape concept, plus the unsafe stand-in.
 CONCEPT_TEMPLATES = (
@@ -124,34 +84,6 @@ def concept_prompts(concept: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Config registry
-
-
-def register_model_configs() -> list[str]:
-    """Register the architecture configs in ``curation/model_configs/`` with open_clip; returns their names.
-
-    Idempotent: a config already registered with identical content is not added again (open_clip's
-    `add_model_config` appends to a search path and rescans every time it is called).
-    """
-    names = []
-    for path in sorted(MODEL_CONFIG_DIR.glob("*.json")):
-        cfg = json.loads(path.read_text())
-        if path.stem not in open_clip.list_models() or open_clip.get_model_config(path.stem) != cfg:
-            open_clip.add_model_config(path)
-        names.append(path.stem)
-    return names
-
-
-def model_config(model_name: str) -> dict[str, Any]:
-    """The open_clip architecture config of a registered model name (raises KeyError when unknown)."""
-    register_model_configs()
-    cfg = open_clip.get_model_config(model_name)
-    if cfg is None:
-        raise KeyError(f"unknown open_clip model {model_name!r}; known: {open_clip.list_models()}")
-    return dict(cfg)
-
-
-# --------------------------------------------------------------------------------------------------
 # Training config and report
 
 
@@ -176,7 +108,7 @@ class ToyClipTrainConfig:
     predecode_factor: float = 1.25
     # Cap on training pairs (after the deterministic shuffle); None uses them all. Tests use small caps.
     max_pairs: int | None = None
-    # Extra matched pairs drawn fresh by the sample-web generator (`sample_web.training_corpus`, whose random
+    # Extra matched pairs drawn fresh by the sample-web generator (`web.training_corpus`, whose random
     # stream no sample web shares), added to the web's own train split. 0 trains on the web alone. The web's
     # ~1,700 pairs alone overfit (held-out zero-shot 0.53); 20,000 more reach 0.94.
     corpus_pairs: int = 20_000
@@ -336,6 +268,105 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _training_pairs(root: Path, rows: Sequence[dict[str, Any]], config: ToyClipTrainConfig, shortest: int
+                    ) -> tuple[list[Image.Image], list[str], int]:
+    """(images, captions, skipped): the web's matching train pairs, shuffled and capped, then the corpus pairs."""
+    started = time.perf_counter()
+    train = [r for r in image_rows(rows, config.behaviours, "train") if r["caption_matches"]]
+    train.sort(key=lambda r: (r["file"], r["caption"]))
+    order = np.random.default_rng(config.seed).permutation(len(train))
+    train = [train[i] for i in order]
+    if config.max_pairs is not None:
+        train = train[: config.max_pairs]
+    images: list[Image.Image] = []
+    captions: list[str] = []
+    skipped = 0
+    for r in train:
+        try:
+            images.append(_predecode(root / r["file"], shortest))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            skipped += 1
+            log.warning("toy-clip: skipping %s (%s)", r["file"], e)
+            continue
+        captions.append(str(r["caption"]))
+    if config.corpus_pairs:
+        t_corpus = time.perf_counter()
+        corpus = training_corpus(config.corpus_pairs, seed=config.corpus_seed, shortest_side=shortest,
+                                 cfg=recorded_config(root), workers=config.corpus_workers)
+        images.extend(Image.fromarray(ex.image) for ex in corpus)
+        captions.extend(ex.caption for ex in corpus)
+        log.info("toy-clip: %d corpus pairs drawn in %.1fs", len(corpus), time.perf_counter() - t_corpus)
+    if len(images) < 2:
+        raise ValueError(f"only {len(images)} usable training pairs under {str(root)!r}")
+    log.info("toy-clip: %d pairs (%d skipped) decoded in %.1fs", len(images), skipped, time.perf_counter() - started)
+    return images, captions, skipped
+
+
+def _fit(model: torch.nn.Module, train_tf: Any, tokens: torch.Tensor, images: Sequence[Image.Image],
+         config: ToyClipTrainConfig) -> tuple[list[float], int]:
+    """open_clip's contrastive loss with AdamW and a warmup + cosine schedule; (mean loss per epoch, steps)."""
+    import open_clip
+
+    loss_fn = open_clip.ClipLoss()
+    opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    n = len(images)
+    batch = min(config.batch_size, n)
+    steps_per_epoch = n // batch  # drop the ragged tail: every step sees a full contrastive batch
+    total = steps_per_epoch * config.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, total, config.warmup_steps))
+    log.info("toy-clip: training %s (%.2fM params) for %d epochs x %d steps of %d", config.model_name,
+             sum(p.numel() for p in model.parameters()) / 1e6, config.epochs, steps_per_epoch, batch)
+    model.train()
+    epoch_losses: list[float] = []
+    step = 0
+    for epoch in range(config.epochs):
+        perm = torch.randperm(n).tolist()
+        losses = []
+        for b in range(steps_per_epoch):
+            idx = perm[b * batch : (b + 1) * batch]
+            x = torch.stack([train_tf(images[i]) for i in idx])
+            img_f, txt_f, scale = model(x, tokens[idx])
+            loss = loss_fn(img_f, txt_f, scale)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():  # CLIP's clamp: the temperature never exceeds 100
+                model.logit_scale.clamp_(0, math.log(100))  # type: ignore[operator]
+            losses.append(float(loss.detach()))
+            step += 1
+            if step % config.log_every_steps == 0:
+                log.info("toy-clip: step %d/%d loss %.4f lr %.2e scale %.1f", step, total, losses[-1],
+                         sched.get_last_lr()[0], float(scale.detach()))
+        epoch_losses.append(float(np.mean(losses)))
+        log.info("toy-clip: epoch %d/%d mean loss %.4f", epoch + 1, config.epochs, epoch_losses[-1])
+    model.eval()
+    return epoch_losses, step
+
+
+def _state_bytes(model: torch.nn.Module, save_dtype: str) -> bytes:
+    state = model.state_dict()
+    if save_dtype == "float16":
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _evaluate(checkpoint: str, root: Path, rows: Sequence[dict[str, Any]], config: ToyClipTrainConfig
+              ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
+    """(zero-shot figures, calibration, thresholds) of a written checkpoint, loaded back as users load it."""
+    if not config.evaluate:
+        return {"accuracy": None, "images": 0}, {}, {}
+    with _torch_state(config.seed, config.threads):
+        clip = load_cpu(config.model_name, checkpoint)
+        zs = _zero_shot(clip, root, rows, "heldout")
+        calibration = _calibrate(clip, root, rows, config.behaviours)
+    thresholds = {"threshold_en": calibration["en"]["threshold"], "threshold_other": calibration["other"]["threshold"]}
+    log.info("toy-clip: held-out zero-shot %.3f on %d images; thresholds %s", zs["accuracy"], zs["images"], thresholds)
+    return zs, calibration, thresholds
+
+
 def train_toy_clip(sample_web_root: str, out_path: str, config: ToyClipTrainConfig) -> TrainReport:
     """Train the toy CLIP on a sample web; write the state_dict to `out_path` and a sidecar to `out_path`.json.
 
@@ -344,6 +375,8 @@ def train_toy_clip(sample_web_root: str, out_path: str, config: ToyClipTrainConf
     loaded back through `open_clip.create_model_and_transforms(model_name, pretrained=<file>)` for the
     evaluation, so a checkpoint on disk always loads and always has its sidecar.
     """
+    import open_clip
+
     if not is_local(out_path) or not is_local(sample_web_root):
         raise ValueError("train_toy_clip reads and writes local paths only (open_clip loads local files)")
     root = Path(sample_web_root)
@@ -351,127 +384,24 @@ def train_toy_clip(sample_web_root: str, out_path: str, config: ToyClipTrainConf
     arch = model_config(config.model_name)
     image_size = int(arch["vision_cfg"]["image_size"])
     t_start = time.perf_counter()
-
     with _torch_state(config.seed, config.threads):
-        train = [r for r in image_rows(rows, config.behaviours, "train") if r["caption_matches"]]
-        train.sort(key=lambda r: (r["file"], r["caption"]))
-        order = np.random.default_rng(config.seed).permutation(len(train))
-        train = [train[i] for i in order]
-        if config.max_pairs is not None:
-            train = train[: config.max_pairs]
         shortest = max(image_size, round(image_size * config.predecode_factor))
-        images: list[Image.Image] = []
-        captions: list[str] = []
-        skipped = 0
-        for r in train:
-            try:
-                images.append(_predecode(root / r["file"], shortest))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                skipped += 1
-                log.warning("toy-clip: skipping %s (%s)", r["file"], e)
-                continue
-            captions.append(str(r["caption"]))
-        if config.corpus_pairs:
-            t_corpus = time.perf_counter()
-            corpus = training_corpus(
-                config.corpus_pairs,
-                seed=config.corpus_seed,
-                shortest_side=shortest,
-                cfg=recorded_config(root),
-                workers=config.corpus_workers,
-            )
-            images.extend(Image.fromarray(ex.image) for ex in corpus)
-            captions.extend(ex.caption for ex in corpus)
-            log.info("toy-clip: %d corpus pairs drawn in %.1fs", len(corpus), time.perf_counter() - t_corpus)
-        if len(images) < 2:
-            raise ValueError(f"only {len(images)} usable training pairs under {sample_web_root!r}")
-        log.info(
-            "toy-clip: %d pairs (%d skipped) decoded in %.1fs", len(images), skipped, time.perf_counter() - t_start
-        )
-
+        images, captions, skipped = _training_pairs(root, rows, config, shortest)
         model, train_tf, preprocess = open_clip.create_model_and_transforms(
-            config.model_name, pretrained=None, aug_cfg={"scale": config.crop_scale}
-        )
+            config.model_name, pretrained=None, aug_cfg={"scale": config.crop_scale})
         tokenizer = open_clip.get_tokenizer(config.model_name)
-        tokens = tokenizer(captions)
         n_params = sum(p.numel() for p in model.parameters())
-        loss_fn = open_clip.ClipLoss()
-        opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-        n = len(images)
-        batch = min(config.batch_size, n)
-        steps_per_epoch = n // batch  # drop the ragged tail: every step sees a full contrastive batch
-        total = steps_per_epoch * config.epochs
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, total, config.warmup_steps))
-        log.info(
-            "toy-clip: training %s (%.2fM params) for %d epochs x %d steps of %d",
-            config.model_name,
-            n_params / 1e6,
-            config.epochs,
-            steps_per_epoch,
-            batch,
-        )
-        model.train()
-        epoch_losses: list[float] = []
-        step = 0
-        for epoch in range(config.epochs):
-            perm = torch.randperm(n).tolist()
-            losses = []
-            for b in range(steps_per_epoch):
-                idx = perm[b * batch : (b + 1) * batch]
-                x = torch.stack([train_tf(images[i]) for i in idx])
-                img_f, txt_f, scale = model(x, tokens[idx])
-                loss = loss_fn(img_f, txt_f, scale)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                with torch.no_grad():  # CLIP's clamp: the temperature never exceeds 100
-                    model.logit_scale.clamp_(0, math.log(100))
-                losses.append(float(loss.detach()))
-                step += 1
-                if step % config.log_every_steps == 0:
-                    log.info(
-                        "toy-clip: step %d/%d loss %.4f lr %.2e scale %.1f",
-                        step,
-                        total,
-                        losses[-1],
-                        sched.get_last_lr()[0],
-                        float(scale.detach()),
-                    )
-            epoch_losses.append(float(np.mean(losses)))
-            log.info("toy-clip: epoch %d/%d mean loss %.4f", epoch + 1, config.epochs, epoch_losses[-1])
+        epoch_losses, steps = _fit(model, train_tf, tokenizer(captions), images, config)
         train_seconds = time.perf_counter() - t_start
-        model.eval()
-        probe = probe_embeddings(LoadedClip(model, preprocess, tokenizer))
-        state = model.state_dict()
-        if config.save_dtype == "float16":
-            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        data = buf.getvalue()
+        cpu = LoadedClip(model, preprocess, tokenizer, torch.device("cpu"), "fp32", config.model_name)
+        probe = probe_embeddings(cpu)
+        data = _state_bytes(model, config.save_dtype)
 
     checkpoint_sha = hashlib.sha256(data).hexdigest()
     sidecar_path = out_path + SIDECAR_SUFFIX
-    zs: dict[str, Any] = {"accuracy": None, "images": 0}
-    calibration: dict[str, Any] = {}
-    thresholds: dict[str, float] = {}
     with atomic_path(out_path) as tmp:
         Path(tmp).write_bytes(data)
-        if config.evaluate:
-            with _torch_state(config.seed, config.threads):
-                clip = load_clip(config.model_name, tmp)
-                zs = _zero_shot(clip, root, rows, "heldout")
-                calibration = _calibrate(clip, root, rows, config.behaviours)
-            thresholds = {
-                "threshold_en": calibration["en"]["threshold"],
-                "threshold_other": calibration["other"]["threshold"],
-            }
-            log.info(
-                "toy-clip: held-out zero-shot %.3f on %d images; thresholds %s",
-                zs["accuracy"],
-                zs["images"],
-                thresholds,
-            )
+        zs, calibration, thresholds = _evaluate(tmp, root, rows, config)
         manifest = root / "manifest.json"
         sidecar = {
             "model_name": config.model_name,
@@ -484,7 +414,7 @@ def train_toy_clip(sample_web_root: str, out_path: str, config: ToyClipTrainConf
             "sample_web_manifest_sha256": file_sha256(str(manifest)) if manifest.is_file() else None,
             "n_pairs": len(images),
             "n_skipped": skipped,
-            "steps": step,
+            "steps": steps,
             "epoch_losses": epoch_losses,
             "final_loss": epoch_losses[-1],
             "train_seconds": round(train_seconds, 2),
@@ -496,54 +426,16 @@ def train_toy_clip(sample_web_root: str, out_path: str, config: ToyClipTrainConf
         }
         write_json(sidecar, sidecar_path)
     return TrainReport(
-        checkpoint_path=out_path,
-        sidecar_path=sidecar_path,
-        model_name=config.model_name,
-        checkpoint_sha256=checkpoint_sha,
-        checkpoint_bytes=len(data),
-        n_params=n_params,
-        n_pairs=len(images),
-        n_skipped=skipped,
-        steps=step,
-        epoch_losses=tuple(epoch_losses),
-        final_loss=epoch_losses[-1],
-        train_seconds=train_seconds,
-        zero_shot_accuracy=zs["accuracy"],
-        zero_shot_images=int(zs["images"]),
-        thresholds=thresholds,
-        calibration=calibration,
+        checkpoint_path=out_path, sidecar_path=sidecar_path, model_name=config.model_name,
+        checkpoint_sha256=checkpoint_sha, checkpoint_bytes=len(data), n_params=n_params, n_pairs=len(images),
+        n_skipped=skipped, steps=steps, epoch_losses=tuple(epoch_losses), final_loss=epoch_losses[-1],
+        train_seconds=train_seconds, zero_shot_accuracy=zs["accuracy"], zero_shot_images=int(zs["images"]),
+        thresholds=thresholds, calibration=calibration,
     )
 
 
 # --------------------------------------------------------------------------------------------------
 # Loading and evaluation
-
-
-@dataclass(frozen=True)
-class LoadedClip:
-    """An open_clip model in eval mode with its inference transform and tokenizer."""
-
-    model: Any  # open_clip.CLIP or CustomTextCLIP (both have encode_image/encode_text)
-    preprocess: Any
-    tokenizer: Any
-
-    @torch.no_grad()
-    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 256) -> torch.Tensor:
-        """L2-normalised image embeddings [n, d]."""
-        out = [
-            self.model.encode_image(torch.stack([self.preprocess(im) for im in images[i : i + batch_size]]))
-            for i in range(0, len(images), batch_size)
-        ]
-        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
-
-    @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
-        """L2-normalised text embeddings [n, d]."""
-        out = [
-            self.model.encode_text(self.tokenizer(list(texts[i : i + batch_size])))
-            for i in range(0, len(texts), batch_size)
-        ]
-        return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1)
 
 
 def probe_images() -> list[Image.Image]:
@@ -554,17 +446,14 @@ def probe_images() -> list[Image.Image]:
 
 def probe_embeddings(clip: LoadedClip) -> dict[str, Any]:
     """The first `PROBE_DIMS` dimensions of the embeddings of `probe_images()` and `PROBE_TEXTS`."""
-    img = clip.encode_images(probe_images())[:, :PROBE_DIMS]
-    txt = clip.encode_texts(list(PROBE_TEXTS))[:, :PROBE_DIMS]
+    img = clip.encode_images(probe_images(), IMAGE_BATCH)[:, :PROBE_DIMS]
+    txt = clip.encode_texts(list(PROBE_TEXTS), TEXT_BATCH)[:, :PROBE_DIMS]
     return {"texts": list(PROBE_TEXTS), "image_embedding_head": img.tolist(), "text_embedding_head": txt.tolist()}
 
 
-def load_clip(model_name: str, pretrained: str | None) -> LoadedClip:
-    """Build a model through open_clip's factory (registering this package's configs first), in eval mode."""
-    register_model_configs()
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
-    model.eval()
-    return LoadedClip(model, preprocess, open_clip.get_tokenizer(model_name))
+def load_cpu(model_name: str, pretrained: str | None) -> LoadedClip:
+    """A model through the CLIP pass's own loader, on CPU in fp32 (training and evaluation are CPU work)."""
+    return load_clip(ClipPassConfig(model_name=model_name, pretrained=pretrained, device="cpu", precision="fp32"))
 
 
 def distinct_images(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -580,10 +469,10 @@ def _zero_shot(clip: LoadedClip, root: Path, rows: Sequence[dict[str, Any]], spl
     if not targets:
         raise ValueError(f"no '{split}' images with http_behavior 'ok' in the sample web")
     names = concept_names()
-    classifier = torch.stack([clip.encode_texts(concept_prompts(c)).mean(0) for c in names])
-    classifier = torch.nn.functional.normalize(classifier, dim=-1)
-    img = clip.encode_images([open_rgb(root / r["file"]) for r in targets])
-    pred = (img @ classifier.T).argmax(dim=1).tolist()
+    classifier = np.stack([clip.encode_texts(concept_prompts(c), TEXT_BATCH).mean(0) for c in names])
+    classifier /= np.maximum(np.linalg.norm(classifier, axis=1, keepdims=True), 1e-12)
+    img = clip.encode_images([open_rgb(root / r["file"]) for r in targets], IMAGE_BATCH)
+    pred = (img @ classifier.T).argmax(axis=1).tolist()
     correct = [names[p] == r["concept"] for p, r in zip(pred, targets, strict=True)]
     errors: dict[str, int] = {}
     for p, r, ok in zip(pred, targets, correct, strict=True):
@@ -602,7 +491,7 @@ def zero_shot_accuracy(model_name: str, pretrained: str | None, sample_web_root:
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    clip = load_clip(model_name, pretrained)
+    clip = load_cpu(model_name, pretrained)
     return float(_zero_shot(clip, Path(sample_web_root), truth_rows(sample_web_root), split)["accuracy"])
 
 
@@ -637,9 +526,9 @@ def best_threshold(scores: Sequence[float], positive: Sequence[bool]) -> tuple[f
 
 def pair_similarities(clip: LoadedClip, root: Path, rows: Sequence[dict[str, Any]]) -> np.ndarray:
     """Cosine similarity of each row's image and caption under a loaded model."""
-    img = clip.encode_images([open_rgb(root / r["file"]) for r in rows])
-    txt = clip.encode_texts([str(r["caption"]) for r in rows])
-    return (img * txt).sum(dim=1).numpy()
+    img = clip.encode_images([open_rgb(root / r["file"]) for r in rows], IMAGE_BATCH)
+    txt = clip.encode_texts([str(r["caption"]) for r in rows], TEXT_BATCH)
+    return (img * txt).sum(axis=1)
 
 
 def _calibrate(
@@ -694,38 +583,9 @@ def calibrate_thresholds(model_name: str, pretrained: str | None, sample_web_roo
     Returns ``{"threshold_en", "threshold_other", "en": {...}, "other": {...}}``: the thresholds maximising
     balanced accuracy between matching and mismatched captions, and how they separate the held-out pairs.
     """
-    clip = load_clip(model_name, pretrained)
+    clip = load_cpu(model_name, pretrained)
     cal = _calibrate(clip, Path(sample_web_root), truth_rows(sample_web_root), IMAGE_BEHAVIOURS)
     return {"threshold_en": cal["en"]["threshold"], "threshold_other": cal["other"]["threshold"], **cal}
-
-
-def defaults_key(model_name: str, pretrained: str) -> str:
-    """The `MODEL_DEFAULTS` key of a (model, pretrained tag) pair."""
-    return f"{model_name}/{pretrained}"
-
-
-def model_defaults(model_name: str, pretrained: str) -> dict[str, Any]:
-    """Keep thresholds (and facts) of a model: its checkpoint sidecar when `pretrained` is a file with one
-    (the toy CLIP), else `MODEL_DEFAULTS`. Raises KeyError when neither knows the model or a threshold."""
-    sidecar = Path(pretrained + SIDECAR_SUFFIX)
-    if Path(pretrained).is_file() and sidecar.is_file():
-        meta = json.loads(sidecar.read_text())
-        if meta.get("threshold_en") is None or meta.get("threshold_other") is None:
-            raise KeyError(f"{sidecar} has no calibrated thresholds (trained with evaluate=False)")
-        return {
-            "threshold_en": meta["threshold_en"],
-            "threshold_other": meta["threshold_other"],
-            "embed_dim": meta["model_config"]["embed_dim"],
-            "image_size": meta["model_config"]["vision_cfg"]["image_size"],
-            "source": f"calibrated on the sample web ({sidecar.name})",
-        }
-    key = defaults_key(model_name, pretrained)
-    entry = MODEL_DEFAULTS.get(key)
-    if entry is None or entry["threshold_en"] is None or entry["threshold_other"] is None:
-        raise KeyError(
-            f"no published thresholds for {key!r}: calibrate them (calibrate_thresholds) and pass them explicitly"
-        )
-    return dict(entry)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The sample web's models: the toy CLIP plus punsafe / pwatermark / aesthetic heads fitted on its truth.
 
 `ensure_sample_models(sample_web_root, cache_dir)` trains (once per machine, cached by content) the toy
-CLIP (`toyclip.ensure_toy_clip`) and three heads on the toy CLIP's embeddings of the train split's
+CLIP (`toy_clip.ensure_toy_clip`) and three heads on the toy CLIP's embeddings of the train split's
 images, labelled from `truth.parquet`: unsafe = the "hazard" stand-in concept, watermark, aesthetic
 score. It returns a *models spec* (see `scoring.ScoringConfig.from_spec`) and writes it as JSON next to
 the checkpoints; held-out figures for every head are recorded in the spec's ``evaluation``.
@@ -19,23 +19,25 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from curation.clip import LoadedClip
 from curation.heads import HeadTrainConfig, load_head, train_head
 from curation.io import file_sha256, write_json
-from curation.sample_web import COLOURS, SHAPES, UNSAFE_CONCEPT
-from curation.toyclip import (
+from curation.models import SIDECAR_SUFFIX
+from curation.safety import FLAG_THRESHOLDS
+from curation.sample.toy_clip import (
     HAZARD_PROMPTS,
+    IMAGE_BATCH,
     IMAGE_BEHAVIOURS,
-    SIDECAR_SUFFIX,
-    LoadedClip,
     ToyClipTrainConfig,
     distinct_images,
     ensure_toy_clip,
     image_rows,
-    load_clip,
+    load_cpu,
     open_rgb,
     sample_web_digest,
     truth_rows,
 )
+from curation.sample.web import COLOURS, SHAPES, UNSAFE_CONCEPT
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +64,14 @@ def _labels(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def _embed(clip: LoadedClip, root: Path, rows: list[dict[str, Any]]) -> np.ndarray:
-    return clip.encode_images([open_rgb(root / r["file"]) for r in rows]).numpy()
+    return clip.encode_images([open_rgb(root / r["file"]) for r in rows], IMAGE_BATCH)
 
 
 def _evaluate(kind: str, scores: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     if kind == "aesthetic":
         rho = spearmanr(scores, labels).statistic
         return {"heldout_spearman": round(float(rho), 4), "heldout_n": int(labels.size)}
-    flag = scores > (0.5 if kind == "punsafe" else 0.8)
+    flag = scores > FLAG_THRESHOLDS[kind]
     pos = labels > 0.5
     return {
         "heldout_recall": round(float(flag[pos].mean()), 4) if pos.any() else None,
@@ -93,7 +95,7 @@ def train_sample_heads(sample_web_root: str, model_name: str, clip_path: str, ou
     evaluate them on the held-out split. Returns ({kind: checkpoint path}, {kind: figures})."""
     root = Path(sample_web_root)
     rows = truth_rows(sample_web_root)
-    clip = load_clip(model_name, clip_path)
+    clip = load_cpu(model_name, clip_path)
     split_rows = {s: distinct_images(image_rows(rows, IMAGE_BEHAVIOURS, s)) for s in ("train", "heldout")}
     embeddings = {s: _embed(clip, root, rs) for s, rs in split_rows.items()}
     labels = {s: _labels(rs) for s, rs in split_rows.items()}
