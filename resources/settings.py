@@ -13,6 +13,7 @@ from typing import Any
 
 from curation.io import is_local
 from curation.layout import CC_HTTPS_ROOT
+from curation.models import SPEC_KEYS
 
 COMPUTE_MODES = ("local", "slurm")
 CPU_STAGE_PLACES = ("process", "compute")
@@ -211,9 +212,6 @@ def lake_write_problem(root: str) -> str | None:
     return None if code is None else f"[Errno {code}] {os.strerror(code)}: {existing}"
 
 
-# The keys `curation.scoring.ScoringConfig.from_spec` reads (not imported from there: it loads torch and open_clip).
-MODELS_SPEC_KEYS = frozenset({"model_name", "pretrained", "threshold_en", "threshold_other", "heads",
-                              "nsfw_prompt_sets", "unsafe_sets", "evaluation", "source"})
 _SPEC = "CURATION_CLIP_SPEC"
 
 
@@ -236,10 +234,10 @@ def read_models_spec(path: str) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ValueError(f"{_SPEC}: the models spec {path} must be a JSON object (model_name, pretrained, ...), "
                          f"not a {type(spec).__name__}")
-    unknown = sorted(set(spec) - MODELS_SPEC_KEYS)
+    unknown = sorted(set(spec) - SPEC_KEYS)
     if unknown:
         raise ValueError(f"{_SPEC}: the models spec {path} has unknown keys {unknown}; known: "
-                         f"{sorted(MODELS_SPEC_KEYS)}")
+                         f"{sorted(SPEC_KEYS)}")
     if not spec.get("model_name"):
         raise ValueError(f"{_SPEC}: the models spec {path} needs 'model_name' (an open_clip model name, e.g. "
                          "ViT-B-32)")

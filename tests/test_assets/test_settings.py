@@ -9,7 +9,8 @@ import pytest
 
 from assets.definitions import build_definitions
 from curation.cli import main
-from resources.settings import MODELS_SPEC_KEYS, Settings, env_flag, lake_write_problem, read_models_spec
+from curation.models import SPEC_KEYS
+from resources.settings import Settings, env_flag, lake_write_problem, read_models_spec
 
 VARIABLES = ("CURATION_LAKE", "CURATION_COMPUTE", "CURATION_CLIP_SPEC", "CURATION_SUBSETS",
              "CURATION_ALLOW_LOOPBACK", "CURATION_CLIP_DEVICE", "CURATION_CLIP_GPUS", "CURATION_INDEX_GPUS",
@@ -111,7 +112,7 @@ def test_spec_keys_are_the_scorings() -> None:
 
     with pytest.raises(ValueError) as caught:
         ScoringConfig.from_spec({"model_name": "ViT-B-32", "no_such_key": 1})
-    assert str(caught.value).endswith(f"known: {sorted(MODELS_SPEC_KEYS)}")
+    assert str(caught.value).endswith(f"known: {sorted(SPEC_KEYS)}")
 
 
 def test_missing_subsets_registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
