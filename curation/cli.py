@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_index_commands(sub)
     _add_subset_commands(sub)
+    _add_serve_command(sub)
 
     from curation.phash import add_phash_parser
 
@@ -399,6 +401,40 @@ def _add_subset_commands(sub: _Subparsers) -> None:
     s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
     s.add_argument("--registry", default=None, help="YAML/JSON file with more subset definitions")
     s.set_defaults(func=_subset_export)
+
+
+def _add_serve_command(sub: _Subparsers) -> None:
+    """`serve`: the search service (clip-retrieval's API) over the lake's index."""
+    p = sub.add_parser("serve", help="serve the index as a KNN API clip-retrieval's clients use (curation.service)")
+    p.add_argument("lake")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default loopback; any other needs CURATION_SERVE_TOKEN)")
+    p.add_argument("--port", type=int, default=1234)
+    p.add_argument("--spec", default=None, help="models spec whose towers encode text and image queries")
+    p.add_argument("--name", default="curation", help="the index name clients pass as indice_name")
+    p.add_argument("--device", default="auto", help="where the query towers run")
+    p.add_argument("--rate-limit", type=float, default=None, help="requests/s per client (default: ServiceConfig)")
+    p.add_argument("--burst", type=int, default=None,
+                   help="requests a client may send at once (default: ServiceConfig)")
+    p.add_argument("--allow-loopback", action="store_true",
+                   help="let image_url queries reach 127.0.0.0/8 (the sample web); off by default")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # The CLI is this package's edge, as resources/settings is Dagster's: the token is read here, never logged.
+    token = os.environ.get("CURATION_SERVE_TOKEN", "").strip() or None
+    spec = _read_spec(args.spec) if args.spec else None
+
+    from curation.netguard import NetPolicy
+    from curation.service import ServiceConfig, serve
+
+    overrides = {k: v for k, v in (("rate_per_s", args.rate_limit), ("burst", args.burst)) if v is not None}
+    config = ServiceConfig(lake_root=args.lake, name=args.name, spec=spec, device=args.device, token=token,
+                           url_policy=NetPolicy.with_loopback() if args.allow_loopback else NetPolicy(), **overrides)
+    print(f"curation serve: {args.lake} on http://{args.host}:{args.port} (index {args.name!r})", file=sys.stderr)
+    serve(config, args.host, args.port)
+    return 0
 
 
 def _refusals() -> tuple[type[Exception], ...]:

@@ -37,18 +37,18 @@ import pyarrow.parquet as pq
 
 from curation import io
 from curation import records as R
-from curation.layout import IMG_EMB_FILE, TEXT_EMB_FILE, UIDS_FILE, Lake, Partition, join
+from curation.layout import EMBEDDING_FILES, UIDS_FILE, Lake, Partition, join
+from curation.metastore import write_metastore
 
 MODALITIES = ("image", "text")
-EMBEDDING_FILES = {"image": IMG_EMB_FILE, "text": TEXT_EMB_FILE}
 MANIFEST_FILE = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each generation carries its metadata store (curation.metastore)
 # Above this many inverted lists a flat coarse quantizer costs more than the lists it routes to.
 HNSW_QUANTIZER_MIN_LISTS = 4096
 # PQ code sizes tried, largest (most accurate) first; autofaiss's list.
 PQ_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 ID_BYTES = 8  # every stored vector carries its int64 id
-_GENERATION_FILE = re.compile(r"(index-\d{6}\.faiss|ids-\d{6}\.parquet)")  # one generation's files
+_GENERATION_FILE = re.compile(r"(index-\d{6}\.faiss|ids-\d{6}\.parquet|meta-\d{6}\.arrow|aesthetic-\d{6}\.npy)")
 IDS_SCHEMA = pa.schema([(R.UID, pa.int64()), (R.CRAWL, pa.string()), (R.SEGMENT, pa.string())])
 
 
@@ -194,20 +194,13 @@ def _read(path: str, columns: Sequence[str]) -> pa.Table:
     return pq.read_table(p, columns=list(columns), filesystem=fs)
 
 
-def _open_npy(path: str) -> np.ndarray:
-    """A memory-mapped npy for local files (nothing is loaded until sliced), else the whole array."""
-    if io.is_local(path):
-        return np.load(io.filesystem(path)[1], mmap_mode="r", allow_pickle=False)
-    return io.read_npy(path)
-
-
 def partition_vectors(lake_root: str, pv: PartitionVectors, modality: str, batch_size: int
                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(uids, float32 vectors) of a partition's survivors, in batches, read from its memory-mapped npy."""
     lake = Lake(lake_root)
     emb_dir = lake.embeddings_dir(pv.partition)
     order = io.read_npy(join(emb_dir, UIDS_FILE)).astype(np.int64)
-    emb = _open_npy(join(emb_dir, EMBEDDING_FILES[modality]))
+    emb = io.open_npy(join(emb_dir, EMBEDDING_FILES[modality]))
     if emb.shape[0] != order.shape[0]:
         raise ValueError(f"{pv.partition.key}: {emb.shape[0]} embeddings for {order.shape[0]} uids; re-run clip")
     sorter = np.argsort(order, kind="stable")
@@ -276,7 +269,12 @@ class Manifest:
     index_file: str
     ids_file: str
     index_bytes: int
+    meta_file: str  # the uid-keyed metadata store (curation.metastore), written with the generation
+    aesthetic_file: str  # mean embedding per aesthetic rating (clip-retrieval's query shift)
     format_version: int = FORMAT_VERSION
+
+    def generation_files(self) -> tuple[str, ...]:
+        return (self.index_file, self.ids_file, self.meta_file, self.aesthetic_file)
 
     @staticmethod
     def load(lake_root: str, modality: str) -> Manifest | None:
@@ -399,12 +397,15 @@ def _add_partitions(lake_root: str, config: IndexConfig, index: faiss.Index, ids
 
 def _commit(lake_root: str, config: IndexConfig, target: _Target, index: faiss.Index, ids: pa.Table, tuning: Tuning,
             *, generation: int, trained_on: int, partitions: dict[str, str]) -> Manifest:
-    """Write generation `generation`'s index and id table, then manifest.json naming them (the commit point);
+    """Write generation `generation`'s index, id table and metadata store, then manifest.json naming them (the commit
+    point);
     return that manifest. Other generations' files are left for `_drop_other_generations`."""
     out_dir = index_dir(lake_root, config.modality)
     index_file, ids_file = f"index-{generation:06d}.faiss", f"ids-{generation:06d}.parquet"
+    meta_file, aesthetic_file = f"meta-{generation:06d}.arrow", f"aesthetic-{generation:06d}.npy"
     index_bytes = _write_index(index, join(out_dir, index_file))
     io.write_parquet(ids, join(out_dir, ids_file))
+    write_metastore(lake_root, ids, config.modality, join(out_dir, meta_file), join(out_dir, aesthetic_file))
     plan = target.plan
     manifest = Manifest(
         generation=generation, factory=plan.factory, family=plan.family, dim=target.dim, nlist=plan.nlist,
@@ -412,7 +413,7 @@ def _commit(lake_root: str, config: IndexConfig, target: _Target, index: faiss.I
         clip_checkpoint=target.clip_checkpoint, partitions=partitions, vectors=int(index.ntotal),
         trained_on=trained_on, recall_at_k=tuning.recall, k=config.k, query_ms_p50=tuning.p50_ms,
         query_ms_p99=tuning.p99_ms, recall_by_nprobe=tuning.recall_by_nprobe, index_file=index_file,
-        ids_file=ids_file, index_bytes=index_bytes)
+        ids_file=ids_file, index_bytes=index_bytes, meta_file=meta_file, aesthetic_file=aesthetic_file)
     io.write_json(asdict(manifest), join(out_dir, MANIFEST_FILE))  # the commit point
     return manifest
 
@@ -424,7 +425,7 @@ def _drop_other_generations(out_dir: str, manifest: Manifest) -> None:
     fs, root = io.filesystem(out_dir)
     for path in fs.ls(root, detail=False):
         name = str(path).rstrip("/").rsplit("/", 1)[-1]
-        if _GENERATION_FILE.fullmatch(name) and name not in (manifest.index_file, manifest.ids_file):
+        if _GENERATION_FILE.fullmatch(name) and name not in manifest.generation_files():
             fs.rm(path)
 
 
@@ -461,7 +462,7 @@ def _dimension(lake_root: str, parts: Sequence[PartitionVectors], modality: str)
     lake = Lake(lake_root)
     dims = set()
     for p in parts:
-        emb = _open_npy(join(lake.embeddings_dir(p.partition), EMBEDDING_FILES[modality]))
+        emb = io.open_npy(join(lake.embeddings_dir(p.partition), EMBEDDING_FILES[modality]))
         if emb.ndim != 2:
             raise ValueError(f"{p.partition.key}: {modality} embeddings are not a 2-d array")
         dims.add(int(emb.shape[1]))

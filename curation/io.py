@@ -83,6 +83,13 @@ def read_npy(path: str) -> np.ndarray:
         return np.load(f, allow_pickle=False)
 
 
+def open_npy(path: str) -> np.ndarray:
+    """A .npy array memory-mapped for local files (nothing is read until sliced), else read whole."""
+    if is_local(path):
+        return np.load(filesystem(path)[1], mmap_mode="r", allow_pickle=False)
+    return read_npy(path)
+
+
 def write_json(obj: Any, path: str) -> None:
     write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), path)
 

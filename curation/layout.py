@@ -14,6 +14,7 @@ SUCCESS_MARKER = "_SUCCESS.json"
 IMG_EMB_FILE = "img_emb.npy"
 TEXT_EMB_FILE = "text_emb.npy"
 UIDS_FILE = "uids.npy"
+EMBEDDING_FILES = {"image": IMG_EMB_FILE, "text": TEXT_EMB_FILE}  # an index's modality -> the npy it reads
 
 # Stage name -> table file inside a partition folder. `curation sql` builds one view per entry.
 STAGE_TABLES: dict[str, str] = {

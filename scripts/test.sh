@@ -15,6 +15,13 @@ if [ $full_suite = 1 ] && [ -z "${CURATION_SLURM_UNAVAILABLE:-}" ]; then
     echo "test.sh: $CURATION_SLURM_UNAVAILABLE; the SLURM tests will be skipped" >&2
   fi
 fi
+# clip-retrieval's own client (the search service's compatibility test), without its heavy dependencies: its
+# clip_client.py is loaded from this folder by file, unchanged (the package's __init__ would import flask).
+CLIP_RETRIEVAL=.cache/clip-retrieval
+if [ ! -f "$CLIP_RETRIEVAL/clip_retrieval/clip_client.py" ]; then
+  UV=$(command -v uv || { for c in "$HOME/.local/bin/uv" .cache/uv-venv/bin/uv; do [ -x "$c" ] && echo "$c" && break; done; })
+  "$UV" pip install --quiet --no-deps --target "$CLIP_RETRIEVAL" clip-retrieval==2.45.0
+fi
 # Train the sample web's models before pytest (once per machine: ~21 min on 2 cores, then cached), so no
 # test's timeout has to cover it. The tests' default web has the same content on another port, hence the
 # same cache entry. A subshell: the demo's settings (DAGSTER_HOME, CURATION_CLIP_SPEC) stay out of the tests.

@@ -81,3 +81,32 @@ def sample_models(default_web: Path) -> dict[str, Any]:
     """The toy CLIP and heads trained on the default sample web: the demo's models spec. Trained once per
     machine into the shared cache (keyed by training config, code version and sample-web content)."""
     return ensure_sample_models(str(default_web), str(default_model_cache()))
+
+
+@pytest.fixture(scope="session")
+def indexed_lake(sample_web: SampleWeb, sample_server: SampleWebServer, sample_models: dict[str, Any],
+                 tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture web through every stage with the core's own calls (no Dagster): pairs, downloads, the CLIP pass
+    with the demo's models (trained on the default web, so every image here is unseen), dedupe at pHash radius 0
+    (exact copies merge; the planted near-duplicates survive into the index, for result-dedupe tests) and the index."""
+    from curation.dedupe import DedupeConfig
+    from curation.index import IndexConfig
+    from curation.layout import Partition
+    from curation.stages import (
+        materialize_clip,
+        materialize_dedupe,
+        materialize_downloads,
+        materialize_index,
+        materialize_pairs,
+    )
+
+    lake = str(tmp_path_factory.mktemp("indexed") / "lake")
+    for i in range(len(sample_web.manifest["segments"])):  # type: ignore[arg-type]
+        part = Partition(sample_web.config.crawl, f"{i:03d}")
+        materialize_pairs(lake, str(sample_web.root), part)
+        materialize_downloads(lake, part, {"allow_loopback": True, "processes": 1, "threads": 16})
+        materialize_clip(lake, part, sample_models, {"device": "cpu", "precision": "fp32", "num_workers": 2,
+                                                      "batch_size": 64})
+    materialize_dedupe(lake, DedupeConfig(radius=0))
+    materialize_index(lake, IndexConfig())
+    return Path(lake)

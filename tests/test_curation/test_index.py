@@ -7,8 +7,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from curation import records as R
@@ -23,8 +21,8 @@ from curation.index import (
     recall_at_k,
     verify_index,
 )
-from curation.io import write_marker
-from curation.layout import Lake, Partition
+from curation.layout import Partition
+from curation.sample.lake import write_partition as lake_partition
 
 DIM = 32
 CRAWL = "CC-MAIN-2030-01"
@@ -40,21 +38,9 @@ def clustered(n: int, seed: int, centres: int = 40) -> np.ndarray:
 
 def write_partition(lake: Path, segment: str, uids: np.ndarray, vectors: np.ndarray, survivor: np.ndarray,
                     model: tuple[str, str] = ("toy", "sha256:aa")) -> Partition:
-    """The files the index reads: the clip table and marker, embeddings, and the dedupe table and marker."""
+    """A finished partition of every stage around these vectors (curation.sample.lake)."""
     part = Partition(CRAWL, segment)
-    layout = Lake(str(lake))
-    emb_dir = Path(layout.embeddings_dir(part))
-    emb_dir.mkdir(parents=True, exist_ok=True)
-    np.save(emb_dir / "uids.npy", uids.astype(np.int64))
-    np.save(emb_dir / "img_emb.npy", vectors.astype(np.float16))
-    np.save(emb_dir / "text_emb.npy", vectors.astype(np.float16))
-    n = len(uids)
-    pq.write_table(pa.table({R.UID: uids, R.KEEP: [True] * n, "clip_model": [model[0]] * n,
-                             "clip_checkpoint": [model[1]] * n}), layout.table("clip", part))
-    write_marker(layout.partition_dir("clip", part), {"rows": n, "model": list(model)})
-    Path(layout.partition_dir("dedupe", part)).mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({R.UID: uids, "survivor": survivor}), layout.table("dedupe", part))
-    write_marker(layout.partition_dir("dedupe", part), {"rows": n, "survivors": int(survivor.sum())})
+    lake_partition(str(lake), part, uids, vectors, survivor=survivor, model=model)
     return part
 
 
@@ -136,7 +122,7 @@ def test_incremental_update_equals_one_shot_and_rerun_is_a_no_op(tmp_path: Path)
     again = build_index(str(a), CONFIG)
     assert again.unchanged and again.generation == 2
     assert sorted(p.name for p in (a / "index/image").iterdir()) == [
-        "ids-000002.parquet", "index-000002.faiss", "manifest.json"]
+        "aesthetic-000002.npy", "ids-000002.parquet", "index-000002.faiss", "manifest.json", "meta-000002.arrow"]
 
 
 def test_survivors_that_change_or_vanish_leave_the_index(tmp_path: Path) -> None:
