@@ -15,6 +15,10 @@ multiprocessing distributor). Our policies plug in through its own extension poi
   flattened onto white in row bands first (see `flatten_alpha`): img2dataset does that on the whole
   image in float64, and a ~350 KB 9400x9400 RGBA PNG, under the pixel limit, peaked at 6.4 GB.
 - X-Robots-Tag opt-out, user-agent token, timeout and retries are img2dataset's own options.
+- Consent at crawl time (curation.consent, an extension of the guarded opener): each hop's origin's
+  robots.txt, fetched once per origin and worker process through the same guard, and the TDMRep
+  `tdm-reservation: 1` response header, refused before the body is read (`respect_robots_txt`,
+  `respect_tdm_reservation`).
 
 img2dataset's worker downloads with `threads` threads but resizes in the one thread that collects their
 results, so decode memory is that of one image at a time (plus up to 2 x threads undecoded bodies).
@@ -22,10 +26,12 @@ results, so decode memory is that of one image at a time (plus up to 2 x threads
 Status mapping (img2dataset status -> ours; `error` keeps img2dataset's `error_message`):
   success -> success; failed_to_resize -> failed_to_resize (undecodable body, or refused by the
   content rules: too small, wrong format, too many pixels); failed_to_download -> blocked when the
-  error is an SSRF/scheme block ("blocked: …", redirects to file:/gopher:… included) or the
-  X-Robots-Tag opt-out, else failed_to_download (network, HTTP error, truncated or oversized body, the
-  per-URL deadline, an encoded body, too many redirects). A row with no img2dataset result at all (its
-  shard crashed twice) is failed_to_download with error `NO_RESULT`.
+  reason is one of records.BLOCKED_REASONS: an SSRF/scheme block ("blocked: …", redirects to
+  file:/gopher:… included), the X-Robots-Tag opt-out, robots.txt or a TDM reservation; else
+  failed_to_download (network, HTTP error, truncated or oversized body, the per-URL deadline, an encoded
+  body, too many redirects; also the URLs of a host whose robots.txt got no answer at all, with that
+  failure's reason). A row with no img2dataset result at all (its shard crashed twice) is
+  failed_to_download with error `NO_RESULT`.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from curation import records as R
+from curation.consent import ROBOTS_MAX_BYTES, ROBOTS_PREFIX, TDM_PREFIX, ConsentPolicy
 from curation.io import filesystem, is_local
 from curation.layout import join
 from curation.netguard import NetPolicy, install_process_guard
@@ -97,8 +104,10 @@ DOWNLOADS_SCHEMA = pa.schema([
 
 # A stable reason code per error string (errors carry addresses and sizes, reasons group them).
 _REASON_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("blocked: ", "ssrf_blocked"),
-    (ROBOTS_ERROR, "x_robots_tag"),
+    ("blocked: ", R.REASON_SSRF_BLOCKED),
+    (ROBOTS_ERROR, R.REASON_X_ROBOTS_TAG),
+    (ROBOTS_PREFIX, R.REASON_ROBOTS_TXT),
+    (TDM_PREFIX, R.REASON_TDM_RESERVATION),
     ("IncompleteRead", "truncated"),
     ("unsupported Content-Encoding", "unsupported_encoding"),
     ("body too small", "too_small"),
@@ -148,7 +157,10 @@ class DownloadConfig:
     max_image_pixels: int = 89_478_484  # LAION: PIL's MAX_IMAGE_PIXELS - 1, checked from the header
     allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")  # PIL format names; () allows any
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
-    user_agent_token: str = "curation"
+    user_agent_token: str = "curation"  # in the User-Agent header, and our group in robots.txt files
+    respect_robots_txt: bool = True  # each origin's robots.txt, once per origin and worker (curation.consent)
+    respect_tdm_reservation: bool = True  # refuse images served with `tdm-reservation: 1` (W3C TDMRep)
+    robots_txt_max_bytes: int = ROBOTS_MAX_BYTES  # read at most this much of a robots.txt (RFC 9309: >= 500 KiB)
     timeout_s: float = 10.0  # per connect and per receive (img2dataset's timeout)
     # Overall limit per attempt at a URL: connect, redirects, headers and the whole body. A server that
     # trickles bytes just inside timeout_s is cut off here (reason `timeout`). None: 3 x timeout_s.
@@ -189,6 +201,8 @@ class DownloadConfig:
             raise ValueError(f"user_agent_token must be a plain token, got {self.user_agent_token!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.robots_txt_max_bytes < 1:
+            raise ValueError(f"robots_txt_max_bytes must be positive, got {self.robots_txt_max_bytes}")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise ValueError(f"deadline_s must be positive or None (3 x timeout_s), got {self.deadline_s}")
         if self.flatten_alpha_above_pixels < 0:
@@ -208,6 +222,21 @@ class DownloadConfig:
     def url_deadline_s(self) -> float:
         """The overall deadline per attempt at a URL: `deadline_s`, or DEADLINE_TIMEOUTS x timeout_s."""
         return self.deadline_s if self.deadline_s is not None else DEADLINE_TIMEOUTS * self.timeout_s
+
+    def consent_policy(self) -> ConsentPolicy | None:
+        """The consent checks to plug into the guarded opener, or None when both are off."""
+        if not (self.respect_robots_txt or self.respect_tdm_reservation):
+            return None
+        return ConsentPolicy(user_agent_token=self.user_agent_token, user_agent=user_agent(self.user_agent_token),
+                             robots_txt=self.respect_robots_txt, tdm_reservation=self.respect_tdm_reservation,
+                             timeout_s=self.timeout_s, robots_max_bytes=self.robots_txt_max_bytes)
+
+
+def user_agent(token: str) -> str:
+    """The User-Agent header img2dataset's `download_image` sends for `token`: robots.txt requests send the
+    same, so a site sees one crawler. Kept equal to img2dataset's by test_download."""
+    return ("Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+            f" (compatible; {token.strip().lower()}; +https://github.com/rom1504/img2dataset)")
 
 
 @dataclass(frozen=True)
@@ -357,9 +386,11 @@ class GuardedDownloader(Downloader):
     """
 
     def __init__(self, *, policy: NetPolicy, max_body_bytes: int, max_connections_per_host: int | None,
-                 netlog_dir: str, deadline_s: float | None = None, **downloader_kwargs: Any) -> None:
+                 netlog_dir: str, deadline_s: float | None = None, consent: ConsentPolicy | None = None,
+                 **downloader_kwargs: Any) -> None:
         super().__init__(**downloader_kwargs)
         self.policy = policy
+        self.consent = consent
         self.max_body_bytes = max_body_bytes
         self.max_connections_per_host = max_connections_per_host
         self.deadline_s = deadline_s
@@ -368,7 +399,8 @@ class GuardedDownloader(Downloader):
     def __call__(self, row: tuple[int, str]) -> tuple[bool, tuple[int, str]]:
         guard = install_process_guard(self.policy, max_body_bytes=self.max_body_bytes,
                                       max_connections_per_host=self.max_connections_per_host,
-                                      deadline_s=self.deadline_s)
+                                      deadline_s=self.deadline_s,
+                                      extensions=() if self.consent is None else (self.consent,))
         # Our header check already refuses oversized images; PIL's warning about them is noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         guard.recorder.drain()  # a worker handles one shard at a time: start it clean
@@ -426,6 +458,7 @@ def _build_downloader(config: DownloadConfig, policy: NetPolicy, column_list: li
         max_body_bytes=config.max_image_bytes,
         max_connections_per_host=config.max_connections_per_host,
         deadline_s=config.url_deadline_s,
+        consent=config.consent_policy(),
         netlog_dir=netlog_dir,
         sample_writer_class=WebDatasetSampleWriter,
         resizer=resizer,
@@ -483,20 +516,20 @@ def build_downloads_table(pairs: pa.Table, shards_dir: str, netlog_dir: str,
     i2d = (pl.concat(frames) if frames else pl.DataFrame(schema=i2d_schema)).unique("key", keep="last")
     hops = _read_netlogs(netlog_dir).rename({"url": "_url", "shard": R.SHARD})
 
-    err = pl.col("error_message")
-    status = (pl.when(pl.col("status").is_null()).then(pl.lit(R.STATUS_FAILED_DOWNLOAD))
-              .when(pl.col("status") == "success").then(pl.lit(R.STATUS_SUCCESS))
-              .when(pl.col("status") == "failed_to_resize").then(pl.lit(R.STATUS_FAILED_RESIZE))
-              .when(err.str.starts_with("blocked: ") | (err == ROBOTS_ERROR)).then(pl.lit(R.STATUS_BLOCKED))
+    i2d_status = pl.col("_i2d_status")
+    status = (pl.when(i2d_status.is_null()).then(pl.lit(R.STATUS_FAILED_DOWNLOAD))
+              .when(i2d_status == "success").then(pl.lit(R.STATUS_SUCCESS))
+              .when(i2d_status == "failed_to_resize").then(pl.lit(R.STATUS_FAILED_RESIZE))
+              .when(pl.col(R.REASON).is_in(R.BLOCKED_REASONS)).then(pl.lit(R.STATUS_BLOCKED))
               .otherwise(pl.lit(R.STATUS_FAILED_DOWNLOAD)))
     out = (expected.join(i2d, left_on=R.KEY, right_on="key", how="left", maintain_order="left")
            .join(hops, on=[R.SHARD, "_url"], how="left", maintain_order="left")
            .select(
                pl.col(R.UID),
-               status.alias(R.STATUS),
+               pl.col("status").alias("_i2d_status"),
                pl.when(pl.col("status").is_null()).then(pl.lit(NO_RESULT))
                  .when(pl.col("status") == "success").then(pl.lit(None, pl.String))
-                 .otherwise(err).alias(R.ERROR),
+                 .otherwise(pl.col("error_message")).alias(R.ERROR),
                pl.col("http_status").alias(R.HTTP_STATUS),
                pl.col("final_url").alias(R.FINAL_URL),
                pl.col("original_width").alias(R.ORIGINAL_WIDTH),
@@ -508,6 +541,7 @@ def build_downloads_table(pairs: pa.Table, shards_dir: str, netlog_dir: str,
                pl.col(R.KEY),
            ))
     out = out.with_columns(pl.col(R.ERROR).map_elements(classify_error, return_dtype=pl.String).alias(R.REASON))
+    out = out.with_columns(status.alias(R.STATUS)).select(DOWNLOADS_SCHEMA.names)
     return out.to_arrow().cast(DOWNLOADS_SCHEMA)
 
 

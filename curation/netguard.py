@@ -22,6 +22,10 @@ response with any other Content-Encoding (`UnsupportedEncoding`) before reading 
 inflated. Redirects to schemes urllib itself refuses (file:, gopher:, data: …) are policy blocks like any
 other (`NetBlocked`), not urllib's HTTPError. Not bounded by the deadline: the DNS lookup (getaddrinfo
 has no timeout of its own; the resolver's retries bound it).
+
+Other policies plug in as opener extensions (`OpenerExtension`: handlers added to the guarded opener),
+so they see every hop the guard sees: curation.consent checks robots.txt before each hop and the TDMRep
+header on each response; `NetGuard.record_refusal` lets them write their refusals into the hop record.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 # Cloud instance-metadata endpoints: blocked even where a broader category would not catch them
@@ -637,6 +641,13 @@ class GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
         return new
 
 
+class OpenerExtension(Protocol):
+    """Extra urllib handlers for a guarded opener (e.g. curation.consent.ConsentPolicy). Implementations
+    are frozen dataclasses: hashable and comparable, since they are part of the process guard's settings."""
+
+    def handlers(self, guard: NetGuard) -> Sequence[urllib.request.BaseHandler]: ...
+
+
 class NetGuard:
     """The runtime state behind one guarded opener: policy, limits, host slots and the hop recorder.
 
@@ -646,7 +657,7 @@ class NetGuard:
 
     def __init__(self, policy: NetPolicy, *, max_body_bytes: int | None = None,
                  max_connections_per_host: int | None = None, deadline_s: float | None = None,
-                 ssl_context: Any = None) -> None:
+                 ssl_context: Any = None, extensions: Sequence[OpenerExtension] = ()) -> None:
         if deadline_s is not None and not deadline_s > 0:
             raise ValueError(f"deadline_s must be positive or None, got {deadline_s}")
         self.policy = policy
@@ -655,15 +666,27 @@ class NetGuard:
         self.slots = HostSlots(max_connections_per_host)
         self.recorder = HopRecorder()
         self.ssl_context = ssl_context
+        self.extensions = tuple(extensions)
+
+    def record_attempt(self, req: urllib.request.Request) -> None:
+        """Start the hop record of a first hop that ends before `_guarded_open` sees it (a retry starts afresh)."""
+        if not hasattr(req, "curation_origin"):
+            self.recorder.start(req.full_url)
+
+    def record_refusal(self, req: urllib.request.Request, url: str, reason: str) -> None:
+        """Record that hop `req` (first or later) was refused at `url`, before or after its response."""
+        self.record_attempt(req)
+        self.recorder.blocked(_origin(req), url, reason)
 
     def build_opener(self) -> urllib.request.OpenerDirector:
-        """An OpenerDirector with only guarded handlers: http(s), redirects, errors; nothing else."""
+        """An OpenerDirector with only guarded handlers (http(s), redirects, errors) plus the extensions'."""
         opener = urllib.request.OpenerDirector()
         # Added to requests that do not set them; without Accept-Encoding a server may pick any coding.
         opener.addheaders = [*opener.addheaders, ("Accept-Encoding", "identity")]
         for handler in (GuardedHTTPHandler(self), GuardedHTTPSHandler(self), RefuseOtherSchemes(self),
                         ResponseRecorder(self), GuardedRedirectHandler(self),
-                        urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor()):
+                        urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
+                        *(h for ext in self.extensions for h in ext.handlers(self))):
             opener.add_handler(handler)
         return opener
 
@@ -684,7 +707,8 @@ _process_lock = threading.Lock()
 
 
 def install_process_guard(policy: NetPolicy, *, max_body_bytes: int | None,
-                          max_connections_per_host: int | None, deadline_s: float | None = None) -> NetGuard:
+                          max_connections_per_host: int | None, deadline_s: float | None = None,
+                          extensions: Sequence[OpenerExtension] = ()) -> NetGuard:
     """Install a guarded opener as this process's global urllib opener (urllib.request.install_opener).
 
     Idempotent per settings: a second call with the same settings keeps the existing guard, so the host
@@ -692,11 +716,12 @@ def install_process_guard(policy: NetPolicy, *, max_body_bytes: int | None,
     library code calls `urllib.request.urlopen` without a context and therefore uses the global opener.
     """
     global _process_guard
-    settings = (policy, max_body_bytes, max_connections_per_host, deadline_s)
+    settings = (policy, max_body_bytes, max_connections_per_host, deadline_s, tuple(extensions))
     with _process_lock:
         if _process_guard is None or _process_guard[0] != settings:
             guard = NetGuard(policy, max_body_bytes=max_body_bytes,
-                             max_connections_per_host=max_connections_per_host, deadline_s=deadline_s)
+                             max_connections_per_host=max_connections_per_host, deadline_s=deadline_s,
+                             extensions=extensions)
             urllib.request.install_opener(guard.build_opener())
             _process_guard = (settings, guard)
         return _process_guard[1]
@@ -704,13 +729,14 @@ def install_process_guard(policy: NetPolicy, *, max_body_bytes: int | None,
 
 @contextmanager
 def installed_guard(policy: NetPolicy, *, max_body_bytes: int | None = None,
-                    max_connections_per_host: int | None = None,
-                    deadline_s: float | None = None) -> Iterator[NetGuard]:
+                    max_connections_per_host: int | None = None, deadline_s: float | None = None,
+                    extensions: Sequence[OpenerExtension] = ()) -> Iterator[NetGuard]:
     """Install the guard for the duration of a block, then go back to urllib's default opener."""
     global _process_guard
     try:
         yield install_process_guard(policy, max_body_bytes=max_body_bytes,
-                                    max_connections_per_host=max_connections_per_host, deadline_s=deadline_s)
+                                    max_connections_per_host=max_connections_per_host, deadline_s=deadline_s,
+                                    extensions=extensions)
     finally:
         with _process_lock:
             urllib.request.install_opener(None)

@@ -28,6 +28,9 @@ class DownloaderResource(dg.ConfigurableResource):
     retries: int = _D.retries
     max_connections_per_host: int | None = _D.max_connections_per_host
     number_sample_per_shard: int = _D.number_sample_per_shard
+    user_agent_token: str = _D.user_agent_token  # sent in User-Agent, and our group in robots.txt files
+    respect_robots_txt: bool = _D.respect_robots_txt  # each host's robots.txt, once per host and worker
+    respect_tdm_reservation: bool = _D.respect_tdm_reservation  # refuse images served with tdm-reservation: 1
 
     def options(self) -> dict[str, Any]:
         """Plain options (`curation.stages.download_options` turns them into config and policy), as a payload

@@ -1,8 +1,10 @@
 """Serves a generated sample web on loopback with the HTTP behaviour its truth names per URL.
 
 One threaded HTTP server per host in the manifest (127.0.0.1, 127.0.0.2, …), all on the manifest's
-port. Behaviours are listed in `curation.sample.web.HTTP_BEHAVIOURS`; this module is their only
-implementation. Every request is counted per (host, path) so tests can prove what was (not) fetched.
+port. Behaviours are listed in `curation.sample.web.HTTP_BEHAVIOURS` (and, for a web generated with
+consent planting, `curation.sample.consent.CONSENT_BEHAVIOURS`, with the manifest's `robots` and
+`redirects`); this module is their only implementation. /robots.txt is a 404 unless the manifest plants
+one. Every request is counted per (host, path) so tests can prove what was (not) fetched.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 import pyarrow.parquet as pq
 
 from curation.io import read_json
+from curation.sample.consent import TDM_HEADERS
 from curation.sample.web import SLOW_SECONDS
 
 CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
@@ -64,6 +67,13 @@ class SampleWebServer:
         self.port = int(port if port is not None else manifest["port"])
         self.hosts = tuple(hosts if hosts is not None else manifest["hosts"])
         self.routes = load_routes(root)
+        self.robots: dict[str, dict[str, Any]] = manifest.get("robots", {})  # host -> status, file, location
+        self.redirects: dict[tuple[str, str], str] = {}  # planted cross-host redirects: (host, path) -> Location
+        for source, target in manifest.get("redirects", {}).items():
+            src, dst = urlsplit(source), urlsplit(target)
+            self.redirects[_key(str(src.hostname), src.path)] = target
+            origin = self.routes[_key(str(src.hostname), src.path)]
+            self.routes[_key(str(dst.hostname), dst.path)] = Route("ok", origin.file, origin.fmt)
         self.tokens = {hashlib.sha1(f"{h}{p}".encode()).hexdigest()[:16]: (h, p) for h, p in self.routes}
         self.hits: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
@@ -154,6 +164,9 @@ class _SampleWebHandler(BaseHTTPRequestHandler):
         if path.startswith(HOP_PREFIX):
             self._hop(path)
             return
+        if path == "/robots.txt" and host in self.web.robots:
+            self._robots(self.web.robots[host])
+            return
         if path.startswith(LOOP_PREFIX):
             n = int(path[len(LOOP_PREFIX) :].split("/", 1)[0] or 0)
             self._send(302, headers={"Location": f"{LOOP_PREFIX}{n + 1}"})
@@ -163,6 +176,11 @@ class _SampleWebHandler(BaseHTTPRequestHandler):
             self._send(404, b"not found")
             return
         self._serve(host, path, route)
+
+    def _robots(self, planted: dict[str, Any]) -> None:
+        body = (self.web.root / planted["file"]).read_bytes()
+        location = planted.get("location")
+        self._send(int(planted["status"]), body, headers={"Location": location} if location else None)
 
     def _hop(self, path: str) -> None:
         _, _, n, token = path.split("/", 3)
@@ -177,6 +195,10 @@ class _SampleWebHandler(BaseHTTPRequestHandler):
 
     def _serve(self, host: str, path: str, route: Route, final: bool = False) -> None:
         """Answer `route`: an error or redirect when its behaviour says so, else its file the planted way."""
+        redirect = self.web.redirects.get(_key(host, path))
+        if redirect is not None and not final:
+            self._send(302, headers={"Location": redirect})
+            return
         answer = _answer_without_file(route.behaviour, host, path, final)
         if answer is not None:
             status, body, headers = answer
@@ -228,6 +250,8 @@ def _file_headers(behaviour: str, fmt: str | None) -> tuple[str, dict[str, str]]
         ctype = "text/plain"
     elif behaviour in ("not_an_image", "corrupt"):
         ctype = "image/jpeg"
+    elif behaviour in TDM_HEADERS:
+        headers["tdm-reservation"] = TDM_HEADERS[behaviour]
     return ctype, headers
 
 

@@ -43,6 +43,7 @@ import pyarrow as pa
 from PIL import Image, ImageDraw, ImageFont
 
 from curation.io import write_json, write_parquet
+from curation.sample.consent import CONSENT_BEHAVIOURS, CONSENT_ROLES, plant_consent, write_robots
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
 SHAPE_PLURALS = {
@@ -244,6 +245,11 @@ class SampleWebConfig:
     non_english_rate: float = 0.12
     min_phash_distance: int = 10
     workers: int = 2
+    # Consent planting (curation.sample.consent): robots.txt hosts and TDMRep images with their truth. Off by
+    # default: the default web, which the toy CLIP is trained on, stays exactly as it is.
+    consent: bool = False
+    consent_hosts: tuple[str, ...] = ("127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7")
+    consent_user_agent: str = "curation"  # the product token the planted robots.txt disallows
 
     def __post_init__(self) -> None:
         if self.pages < 1 or self.segments < 1 or self.wat_files_per_segment < 1:
@@ -256,6 +262,10 @@ class SampleWebConfig:
             raise ValueError(f"port out of range: {self.port}")
         if not self.hosts:
             raise ValueError("at least one host is needed")
+        overlap = set(self.consent_hosts) & set(self.hosts)
+        if self.consent and (len(self.consent_hosts) != len(CONSENT_ROLES) or overlap):
+            raise ValueError(f"consent needs {len(CONSENT_ROLES)} consent_hosts ({', '.join(CONSENT_ROLES)}), "
+                             "none of them in hosts")
         lo, hi = self.images_per_page
         if not 1 <= lo <= hi:
             raise ValueError(f"images_per_page must be (lo, hi) with 1 <= lo <= hi, got {self.images_per_page}")
@@ -1077,6 +1087,7 @@ def generate_sample_web(out: str | Path, cfg: SampleWebConfig | None = None) -> 
     # 1. Pages and links.
     pages = _plan_pages(plan, start)
     _plant_behaviours(plan, pages, plan.rng)
+    redirects = plant_consent(pages, plan.specs, cfg) if cfg.consent else {}
 
     # 2. Render every image (parallel), enforcing that distinct originals are perceptually distinct.
     rendered = _render_distinct(plan)
@@ -1090,6 +1101,8 @@ def generate_sample_web(out: str | Path, cfg: SampleWebConfig | None = None) -> 
     table = pa.Table.from_pylist(rows, schema=TRUTH_SCHEMA)
     write_parquet(table, str(out / "truth.parquet"))
     manifest = _manifest(cfg, seg_ids, wat_rel, rows, len(rendered))
+    if cfg.consent:
+        manifest |= {"robots": write_robots(out, cfg), "redirects": redirects}
     write_json(manifest, str(out / "manifest.json"))
     return manifest
 
@@ -1163,12 +1176,16 @@ def _manifest(
     n_images: int,
 ) -> dict[str, Any]:
     """The manifest.json contents: the config, crawl id, hosts, port, segments, WAT files and counts."""
+    config = asdict(cfg)
+    if not cfg.consent:  # a web without consent planting keeps the manifest it always had
+        for name in ("consent", "consent_hosts", "consent_user_agent"):
+            config.pop(name)
     return {
         "version": 1,
-        "config": asdict(cfg),
+        "config": config,
         "crawl": cfg.crawl,
         "port": cfg.port,
-        "hosts": list(cfg.hosts),
+        "hosts": list(cfg.hosts) + (list(cfg.consent_hosts) if cfg.consent else []),
         "segments": seg_ids,
         "wat_files": sorted(wat_rel.values()),
         "pages": cfg.pages,
@@ -1420,7 +1437,7 @@ def _image_truth(plan: _Planner, link: Link, rendered: dict[str, Rendered]) -> d
     spec = plan.specs[t["image_id"]]
     behaviour = t["http_behavior"]
     data, w, h, fmt = _bytes_for(behaviour, rendered[spec.image_id], spec, plan.rng)
-    status, reason = HTTP_BEHAVIOURS[behaviour]
+    status, reason = HTTP_BEHAVIOURS[behaviour] if behaviour in HTTP_BEHAVIOURS else CONSENT_BEHAVIOURS[behaviour]
     served = behaviour not in ("not_found", "server_error", "redirect_loop")
     rel = _write_served_file(plan.out, link.url, data) if served else None
     return {
