@@ -1,11 +1,12 @@
 # Two commands do all set-up on a fresh Debian 12 machine with Python 3.11: `make demo` and `make test`.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
-.PHONY: help env demo ui test lint sample clean slurm-up slurm-down
+.PHONY: help env demo ui serve test lint sample clean slurm-up slurm-down
 
 help:
 	@echo "make demo   install, generate and serve the sample web, run the whole graph, print the summary"
-	@echo "make ui     Dagster UI on http://127.0.0.1:3000 over the demo's lake and runs"
+	@echo "make ui     Dagster UI on http://127.0.0.1:3000 over the demo's lake and runs, explorer on :1234"
+	@echo "make serve  the search service (clip-retrieval's API) on http://127.0.0.1:1234 over the demo's lake"
 	@echo "make test   install what the tests need and run the whole suite"
 	@echo "make lint   ruff + mypy"
 	@echo "make slurm-up    a real single-node SLURM (+ slurmdbd, sshd on 127.0.0.1) for the SLURM tests"
@@ -25,6 +26,9 @@ demo: env
 
 ui: env
 	scripts/ui.sh
+
+serve: env
+	scripts/serve.sh
 
 test: env
 	scripts/test.sh -q

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from assets.conventions import EAGER, blocking_check
 from assets.dedupe import dedupe
-from assets.metadata import dispatched_result
+from assets.metadata import dispatched_result, explorer_link
 from curation.index import IndexConfig
 from resources.storage import LakeResource
 
@@ -30,8 +30,9 @@ class IndexRunConfig(dg.Config):
                              "installed); default: CURATION_INDEX_GPUS, 1 under the slurm deployment")
 
 
-def build_index_asset(default_gpus: int = 0) -> dg.AssetsDefinition:
-    """The `index` asset; `default_gpus` is what a run requests when its config leaves `gpus` unset."""
+def build_index_asset(default_gpus: int = 0, explorer_url: str | None = None) -> dg.AssetsDefinition:
+    """The `index` asset; `default_gpus` is what a run requests when its config leaves `gpus` unset; `explorer_url`
+    (CURATION_EXPLORER_URL): where `curation serve` runs the explorer over this lake, linked from the metadata."""
 
     @dg.asset(
         deps=[dedupe],
@@ -69,7 +70,7 @@ def build_index_asset(default_gpus: int = 0) -> dg.AssetsDefinition:
             }, "force_rebuild": config.force_rebuild},
             extra_slurm_opts={"gpus_per_node": gpus} if gpus else None,
         )
-        return dispatched_result(invocation, "index")
+        return dispatched_result(invocation, "index", explorer_link(explorer_url))
 
     return index
 

@@ -40,12 +40,20 @@ def stage_result(context: dg.AssetExecutionContext, report: StageReport) -> dg.M
     )
 
 
-def dispatched_result(invocation: Any, what: str) -> dg.MaterializeResult:
+def dispatched_result(invocation: Any, what: str, extra: Mapping[str, dg.MetadataValue] | None = None
+                      ) -> dg.MaterializeResult:
     """The MaterializeResult of a stage run as a payload on the compute resource: the report it sent through
-    Pipes (`curation.report.send`), exactly one materialization plus its checks."""
+    Pipes (`curation.report.send`), exactly one materialization plus its checks; `extra` metadata added (what the
+    payload cannot know, such as a link into a service)."""
     results = invocation.get_results()
     materializations = [r for r in results if isinstance(r, dg.MaterializeResult)]
     if len(materializations) != 1:
         raise dg.Failure(f"the {what} payload reported {len(materializations)} materializations, expected 1")
     checks = [r for r in results if isinstance(r, dg.AssetCheckResult)]
-    return dg.MaterializeResult(metadata=materializations[0].metadata, check_results=checks)
+    return dg.MaterializeResult(metadata={**(materializations[0].metadata or {}), **(extra or {})},
+                                check_results=checks)
+
+
+def explorer_link(url: str | None) -> dict[str, dg.MetadataValue]:
+    """The `explorer` metadata entry, a link to the explorer (`curation serve`) over this lake; none without one."""
+    return {"explorer": dg.MetadataValue.url(url)} if url else {}

@@ -1,11 +1,17 @@
-"""Subset assets: one per registered definition (`curation.subsets`), each materialization a versioned release."""
+"""Subset assets: one per registered definition (`curation.subsets`), each materialization a versioned release.
+
+Every subset is re-exported by the `subset_refresh` schedule. A saved search (a subset defined by a query,
+`curation subset save` / `POST /subsets`) also depends on the `index` asset and materializes eagerly after it, through
+the automation sensor: a new index generation is what changes its matches. A search saved while Dagster runs becomes
+an asset when the code location is reloaded (definitions are built from the registry at load).
+"""
 
 from collections.abc import Sequence
 
 import dagster as dg
 from pydantic import Field
 
-from assets.conventions import blocking_check
+from assets.conventions import EAGER, blocking_check
 from assets.dedupe import dedupe
 from assets.metadata import stage_result
 from curation.stages import materialize_subset
@@ -13,6 +19,7 @@ from curation.subsets import SubsetDefinition
 from resources.storage import LakeResource
 
 GROUP = "subsets"
+INDEX_KEY = dg.AssetKey("index")
 
 
 class SubsetRunConfig(dg.Config):
@@ -25,13 +32,17 @@ def build_subset_asset(defn: SubsetDefinition) -> dg.AssetsDefinition:
     """The asset `subsets/<name>` for one definition."""
     key = dg.AssetKey([GROUP, defn.name])
     conditions = "; ".join(f"{n}: {e}" for n, e in defn.conditions)
+    searched = defn.query is not None
+    rule = (f"A saved search, re-evaluated exactly over each new index generation ({defn.query.describe()})"
+            if defn.query is not None else f"Conditions ({conditions}) with defaults {dict(defn.params)}")
 
     @dg.asset(
         key=key,
-        deps=[dedupe],
+        deps=[dedupe, INDEX_KEY] if searched else [dedupe],
         kinds={"duckdb", "parquet"},
         group_name=GROUP,
-        description=f"{defn.description}. Conditions ({conditions}) with defaults {dict(defn.params)}"
+        automation_condition=EAGER if searched else None,
+        description=f"{defn.description}. {rule}"
         + ("; dedupe survivors only" if defn.survivors_only else "")
         + f". Exported as {defn.parts} img2dataset-compatible parquet part(s)"
         + (" and webdataset shards copied from the downloads" if defn.webdataset else "")

@@ -29,11 +29,11 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     `Settings.check` runs first, so a lake that cannot be written, a bad models spec or subsets registry
     fails here with the variable to fix, not at the first step that reads it."""
     settings.check()
-    subsets = build_subset_assets(load_registry(settings.subsets_registry))
+    subsets = build_subset_assets(load_registry(settings.subsets_registry, settings.lake_root))  # + saved searches
     on_compute = settings.cpu_stages == "compute"
     return dg.Definitions(
         assets=[build_pairs(on_compute), build_downloads(on_compute), clip, dedupe,
-                build_index_asset(settings.index_gpus or 0), *subsets],
+                build_index_asset(settings.index_gpus or 0, settings.explorer_url), *subsets],
         schedules=[build_subset_schedule(settings.subset_cron)],
         sensors=[
             build_crawl_sensor(crawl_sensor_default_running(settings.crawl_root)),

@@ -87,7 +87,9 @@ def _download(args: argparse.Namespace) -> int:
     from curation.layout import join
     from curation.netguard import NetPolicy
 
-    config = DownloadConfig(processes=args.processes, **_given(args, "image_size", "resize_mode", "threads"))
+    config = DownloadConfig(processes=args.processes, **_given(args, "image_size", "resize_mode", "threads",
+                                                               "user_agent_token", "respect_robots_txt",
+                                                               "respect_tdm_reservation"))
     policy = NetPolicy.with_loopback() if args.allow_loopback else NetPolicy()
     result = download_images(args.pairs, args.out, config, policy)
     io.write_parquet(result.table, join(args.out, "downloads.parquet"))
@@ -208,9 +210,9 @@ def _index_search(args: argparse.Namespace) -> int:
 def _subset_list(args: argparse.Namespace) -> int:
     from curation.subsets import latest_release, load_registry
 
-    for d in load_registry(args.registry):
+    for d in load_registry(args.registry, args.lake):
         latest = latest_release(args.lake, d.name) if args.lake else None
-        where = " AND ".join(e for _, e in d.conditions)
+        where = d.query.describe() if d.query else " AND ".join(e for _, e in d.conditions)
         release = f"release {latest['release']}: {latest['rows']:,} rows" if latest else "no release"
         print(f"{d.name}: {where} {dict(d.params)} [{release}]")
     return 0
@@ -220,7 +222,7 @@ def _subset_export(args: argparse.Namespace) -> int:
     from curation.subsets import export_subset, load_registry
 
     overrides = _params(args.param)
-    defs = {d.name: d for d in load_registry(args.registry)}
+    defs = {d.name: d for d in load_registry(args.registry, args.lake)}
     if args.name not in defs:
         return _fail(args, f"no subset {args.name!r}; known: {sorted(defs)}")
     r = export_subset(args.lake, defs[args.name], overrides)
@@ -228,6 +230,43 @@ def _subset_export(args: argparse.Namespace) -> int:
     print(f"{r.name} release {r.release} ({state}): {r.rows:,} rows, +{r.added:,} -{r.removed:,} "
           f"{r.removed_by_reason or ''} in {r.path}")
     return 0
+
+
+def _subset_save(args: argparse.Namespace) -> int:
+    spec = _read_spec(args.spec) if args.spec else None
+    filters = _filter_fields(args.filter)
+
+    import numpy as np
+
+    from curation.saved_queries import encode_query
+    from curation.subsets import SubsetDefinition, save_subset
+
+    embedding = np.load(args.embedding) if args.embedding else None
+    query = encode_query(args.lake, modality=args.modality, text=args.text, image_path=args.image, embedding=embedding,
+                         spec=spec, device=args.device, filters=filters, min_similarity=args.min_similarity,
+                         top_k=args.top_k)
+    r = save_subset(args.lake, SubsetDefinition.from_query(args.name, args.description, query), args.registry)
+    print(f"{r.name}: saved; release {r.release}: {r.rows:,} rows in {r.path}")
+    return 0
+
+
+def _filter_fields(pairs: Sequence[str]) -> dict[str, Any]:
+    """`--filter KEY=VALUE` flags as the search service's request fields: `language` and `crawl` repeat into lists,
+    the two switches read as booleans, bounds stay strings (the filters parse them)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or not key:
+            raise ValueError(f"--filter needs KEY=VALUE, got {pair!r}")
+        if key in ("language", "crawl"):
+            out.setdefault(key, []).append(value)
+        elif key in ("use_safety_model", "use_violence_detector"):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"--filter {key} must be true or false, got {value!r}")
+            out[key] = value.lower() in ("true", "1", "yes")
+        else:
+            out[key] = value
+    return out
 
 
 def _given(args: argparse.Namespace, *flags: str) -> dict[str, Any]:
@@ -263,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_commands(sub)
     _add_subset_commands(sub)
     _add_serve_command(sub)
+    _add_explain_command(sub)
 
     from curation.phash import add_phash_parser
 
@@ -320,6 +360,12 @@ def _add_stage_commands(sub: _Subparsers) -> None:
     p.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--threads", type=int, default=None, help="per process (default: DownloadConfig.threads)")
     p.add_argument("--allow-loopback", action="store_true", help="allow 127.0.0.0/8 (the sample web)")
+    p.add_argument("--user-agent-token", default=None,
+                   help="our product token: in User-Agent and robots.txt groups (default: DownloadConfig's)")
+    p.add_argument("--no-robots-txt", dest="respect_robots_txt", action="store_const", const=False, default=None,
+                   help="do not fetch or honour robots.txt (honoured by default)")
+    p.add_argument("--no-tdm-reservation", dest="respect_tdm_reservation", action="store_const", const=False,
+                   default=None, help="keep images served with tdm-reservation: 1 (refused by default)")
     p.set_defaults(func=_download)
 
 
@@ -401,6 +447,33 @@ def _add_subset_commands(sub: _Subparsers) -> None:
     s.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a parameter")
     s.add_argument("--registry", default=None, help="YAML/JSON file with more subset definitions")
     s.set_defaults(func=_subset_export)
+    _add_subset_save_command(ssub)
+
+
+def _add_subset_save_command(ssub: _Subparsers) -> None:
+    """`subset save`: a search saved as a subset of the lake (curation.saved_queries)."""
+    s = ssub.add_parser("save", help="save a search (a query, filters, a similarity floor or a top-k) as a subset "
+                                     "of the lake and export its first release")
+    s.add_argument("lake")
+    s.add_argument("name", help="the subset's name: lowercase letters, digits and _, not a registered subset's")
+    query = s.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query, encoded by --spec's text tower")
+    query.add_argument("--image", help="an image file as the query, encoded by --spec's image tower")
+    query.add_argument("--embedding", help=".npy holding one query vector of the index's model")
+    selection = s.add_mutually_exclusive_group(required=True)
+    selection.add_argument("--min-similarity", type=float, default=None,
+                           help="every indexed image whose cosine to the query is at least this (exact)")
+    selection.add_argument("--top-k", type=int, default=None, help="the k indexed images most similar to the query")
+    s.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="a search-service filter: min_/max_ aesthetic, punsafe, pwatermark, similarity (the stored "
+                        "image-caption cosine), original_width, original_height; language and crawl (repeat for "
+                        "several); subset; use_safety_model, use_violence_detector (true/false)")
+    s.add_argument("--spec", default=None, help="the models spec the clip asset scored with (for --text, --image)")
+    s.add_argument("--modality", choices=("image", "text"), default="image", help="which index to search")
+    s.add_argument("--description", default="", help="what the subset is for (default: the query, described)")
+    s.add_argument("--device", default="auto", help="where the query tower runs")
+    s.add_argument("--registry", default=None, help="YAML/JSON file whose subset names a saved search may not take")
+    s.set_defaults(func=_subset_save)
 
 
 def _add_serve_command(sub: _Subparsers) -> None:
@@ -418,6 +491,8 @@ def _add_serve_command(sub: _Subparsers) -> None:
                    help="requests a client may send at once (default: ServiceConfig)")
     p.add_argument("--allow-loopback", action="store_true",
                    help="let image_url queries reach 127.0.0.0/8 (the sample web); off by default")
+    p.add_argument("--registry", default=None,
+                   help="subsets registry file, whose names POST /subsets may not take (default: CURATION_SUBSETS)")
     p.set_defaults(func=_serve)
 
 
@@ -430,10 +505,33 @@ def _serve(args: argparse.Namespace) -> int:
     from curation.service import ServiceConfig, serve
 
     overrides = {k: v for k, v in (("rate_per_s", args.rate_limit), ("burst", args.burst)) if v is not None}
+    registry = args.registry or os.environ.get("CURATION_SUBSETS") or None
     config = ServiceConfig(lake_root=args.lake, name=args.name, spec=spec, device=args.device, token=token,
-                           url_policy=NetPolicy.with_loopback() if args.allow_loopback else NetPolicy(), **overrides)
+                           url_policy=NetPolicy.with_loopback() if args.allow_loopback else NetPolicy(),
+                           subsets_registry=registry, **overrides)
     print(f"curation serve: {args.lake} on http://{args.host}:{args.port} (index {args.name!r})", file=sys.stderr)
     serve(config, args.host, args.port)
+    return 0
+
+
+def _add_explain_command(sub: _Subparsers) -> None:
+    """`explain`: why a sample is in the curated set, or where and why it was dropped (curation.explain)."""
+    p = sub.add_parser("explain", help="everything the lake knows about one sample (by uid or image URL), as JSON")
+    p.add_argument("lake")
+    p.add_argument("sample", metavar="UID|URL", help="a uid (int64) or an image URL; a URL may match several uids")
+    p.add_argument("--subsets", default=None, metavar="REGISTRY",
+                   help="YAML/JSON file with more subset definitions (besides the built-ins and the lake's saved ones)")
+    p.set_defaults(func=_explain)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from curation.explain import NotInLake, explain, parse_sample
+
+    try:
+        result = explain(args.lake, parse_sample(args.sample), args.subsets)
+    except NotInLake as exc:
+        return _fail(args, str(exc))
+    print(json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False))
     return 0
 
 

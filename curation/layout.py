@@ -91,6 +91,13 @@ class Lake:
     def subset_dir(self, name: str) -> str:
         return join(self.root, "subsets", name)
 
+    def saved_subsets_dir(self) -> str:
+        """Subset definitions saved into the lake (a saved search); a subset name never starts with '_'."""
+        return join(self.root, "subsets", "_registry")
+
+    def saved_subset(self, name: str) -> str:
+        return join(self.saved_subsets_dir(), f"{name}.json")
+
 
 # The Common Crawl side: listings and WAT paths relative to a crawl root (local mirror, https or s3).
 CC_HTTPS_ROOT = "https://data.commoncrawl.org"

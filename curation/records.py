@@ -37,6 +37,13 @@ STATUS_SUCCESS = "success"
 STATUS_FAILED_DOWNLOAD = "failed_to_download"
 STATUS_FAILED_RESIZE = "failed_to_resize"
 STATUS_BLOCKED = "blocked"
+# downloads reasons that make a row `blocked` (every other reason is a failure): our SSRF policy, and the
+# site's own refusals (X-Robots-Tag, robots.txt, the TDMRep header; curation.consent)
+REASON_SSRF_BLOCKED = "ssrf_blocked"
+REASON_X_ROBOTS_TAG = "x_robots_tag"
+REASON_ROBOTS_TXT = "robots_txt"
+REASON_TDM_RESERVATION = "tdm_reservation"
+BLOCKED_REASONS = (REASON_SSRF_BLOCKED, REASON_X_ROBOTS_TAG, REASON_ROBOTS_TXT, REASON_TDM_RESERVATION)
 
 # Extraction drop reasons, counted per WAT file (LAION rules plus our input-integrity reasons).
 DROP_NOT_IMAGE_LINK = "not_img_src"
@@ -93,6 +100,7 @@ DEDUPE_LAYERS = (DUPLICATE_URL_TEXT, DUPLICATE_BYTES, NEAR_DUPLICATE_PHASH, NEAR
 
 # The `kept` view (curation.sql) and subset releases name some columns for their readers.
 CAPTION = "caption"  # pairs.text
+CAPTION_SIMILARITY = "caption_similarity"  # search results: clip's stored image-caption `similarity`
 SOURCE_SHARD = "source_shard"  # downloads.shard
 SOURCE_KEY = "source_key"  # downloads.key
 

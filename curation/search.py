@@ -94,6 +94,17 @@ class Filters:
         return cls(tuple(ranges), _strings(data, "language"), _strings(data, "crawl"), subset or None, safe,
                    no_nsfw_tag)
 
+    def to_request(self) -> dict[str, Any]:
+        """The request fields `from_request` reads back into these filters (with `use_safety_model` and
+        `use_violence_detector` for the two switches); only what is set, so no filter is an empty mapping."""
+        out: dict[str, Any] = {}
+        for name, lo, hi in self.ranges:
+            out |= {f"{side}_{name}": v for side, v in (("min", lo), ("max", hi)) if v is not None}
+        out |= {k: list(v) for k, v in (("language", self.languages), ("crawl", self.crawls)) if v is not None}
+        out |= {k: v for k, v in (("subset", self.subset), ("use_safety_model", self.safe),
+                                  ("use_violence_detector", self.no_nsfw_tag)) if v}
+        return out
+
 
 def _number(data: Mapping[str, Any], key: str) -> float | None:
     value = data.get(key)

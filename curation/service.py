@@ -11,7 +11,9 @@
 - Beyond it: filters applied before top-k (`min_`/`max_` + aesthetic, punsafe, pwatermark, similarity (the
   stored image-caption cosine, `caption_similarity` in results), original_width, original_height; `language`,
   `crawl`, `subset`) in the same request body; `GET /image/{uid}`
-  serves the image from the lake's own shards, its original URL in the `X-Original-URL` header.
+  serves the image from the lake's own shards, its original URL in the `X-Original-URL` header; `POST /export` (a
+  /knn-service body plus `format`: parquet or json) answers those results as an img2dataset input file
+  (curation.export); `GET /` is the explorer, a search front-end over this API (curation.explorer).
 - Safety: `image_url` is fetched through the SSRF guard (curation.netguard) with a byte cap and a deadline; uploads
   are size-limited and refused from their header when over the pixel limit (no decompression bomb is decoded);
   bound to loopback by default, and a bearer token is required on every endpoint but `/health` when configured
@@ -19,6 +21,11 @@
   400 with a JSON reason (413 for a body over the limit, 404 for an unknown image), an internal fault a 500
   without a traceback (that goes to the server's log).
 - A new index generation is picked up without restart (curation.search.SearchEngine).
+- Provenance: `GET /explain/{uid}` answers everything the lake knows about a sample, kept or dropped at any stage
+  (curation.explain): 404 for a uid the lake does not hold.
+- Saved searches: `POST /subsets` ({name, description?, query: a /knn-service body, min_similarity | top_k}) encodes
+  the query once, saves it with its filters as a subset of the lake and exports its first release (201 with the
+  release and its diff; curation.subsets.save_subset); `GET /subsets` lists every subset with its latest release.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import hmac
 import io as _io
 import json
@@ -34,6 +42,7 @@ import math
 import tarfile
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -50,15 +59,21 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from curation import records as R
+from curation.explain import explain
+from curation.explorer import explorer_routes
+from curation.export import FORMATS, export_results
 from curation.io import filesystem
 from curation.layout import Lake, Partition, join
 from curation.netguard import NetPolicy, build_guarded_opener
+from curation.saved_queries import SavedQuery
 from curation.search import MAX_K, Filters, Generation, QueryEncoder, SearchEngine, hits
+from curation.subsets import SubsetDefinition, save_subset, subset_summaries
 
 log = logging.getLogger("curation.service")
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 MODALITIES = ("image", "text")
-CAPTION_SIMILARITY = "caption_similarity"  # the stored image-caption cosine, beside the query's `similarity`
+WRITE_ENDPOINTS = ("save_subset",)  # routes that write into the lake: same-origin pages only
+CAPTION_SIMILARITY = R.CAPTION_SIMILARITY  # the stored image-caption cosine, beside the query's `similarity`
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
@@ -82,8 +97,8 @@ class ServiceConfig:
     spec: dict[str, Any] | None = None
     device: str = "auto"
     token: str | None = None
-    rate_per_s: float = 20.0
-    burst: int = 40
+    rate_per_s: float = 50.0  # per client; the explorer loads a page of up to 120 thumbnails at once
+    burst: int = 200
     max_body_bytes: int = 12 << 20  # a request body: a base64 image of up to max_image_bytes fits
     max_image_bytes: int = 8 << 20
     max_image_pixels: int = 89_478_484  # LAION's download limit, checked from the header before decoding
@@ -91,6 +106,7 @@ class ServiceConfig:
     url_deadline_s: float = 15.0
     reload_interval_s: float = 1.0
     cors_origins: tuple[str, ...] = ("*",)  # browser origins allowed to call the API (clip-front's, usually)
+    subsets_registry: str | None = None  # the registry file (CURATION_SUBSETS), whose names a save may not take
 
     def __post_init__(self) -> None:
         if self.rate_per_s <= 0 or self.burst < 1:
@@ -171,6 +187,7 @@ class Service:
         self._encoder_lock = threading.Lock()
         self._shards: OrderedDict[str, dict[str, tuple[str, int, int]]] = OrderedDict()
         self._shards_lock = threading.Lock()
+        self._save_lock = threading.Lock()  # one save at a time: a second save of a name sees the first and is refused
 
     def engine(self, modality: str) -> SearchEngine:
         if modality not in MODALITIES:
@@ -286,6 +303,45 @@ class Service:
         if name not in (None, "", self.config.name):
             raise BadRequest(f"no index named {name!r}; this service serves [{self.config.name!r}]")
 
+    # ------------------------------------------------------------------------------------------------ subsets
+
+    def save_subset(self, body: dict[str, Any]) -> Response:
+        """POST /subsets: `query` (a /knn-service body: the query and its filters; paging and `deduplicate` do not
+        apply) encoded once by the model that serves it, saved with `min_similarity` (a floor on the query's cosine)
+        or `top_k` as the subset `name`, and its first release exported: 201 with the release and its diff."""
+        unknown = sorted(set(body) - {"name", "description", "query", "min_similarity", "top_k"})
+        if unknown:
+            raise BadRequest(f"unknown fields {unknown}: give name, description, query, and min_similarity or top_k")
+        name, description, query = body.get("name"), body.get("description") or "", body.get("query")
+        if not isinstance(name, str) or not isinstance(description, str) or len(description) > 1_000:
+            raise BadRequest("name must be a string, and description a string of at most 1,000 characters")
+        if not isinstance(query, dict):
+            raise BadRequest("query must be a /knn-service request body (a JSON object)")
+        floor, top_k = _selection(body)
+        self._check_index_name(query)
+        modality = str(query.get("modality") or "image")
+        generation = self.engine(modality).current()
+        vector = self._query(query, generation)[0]
+        saved = SavedQuery.from_vector(vector, generation.manifest, modality, _filters(query), min_similarity=floor,
+                                       top_k=top_k, source=_provenance(query))
+        with self._save_lock:
+            r = save_subset(self.config.lake_root, SubsetDefinition.from_query(name, description, saved),
+                            self.config.subsets_registry)
+        return _json({"name": r.name, "release": r.release, "new_release": r.new_release, "rows": r.rows,
+                      "digest": r.digest, "diff": {"added": r.added, "removed": r.removed,
+                                                   "added_by_reason": r.added_by_reason,
+                                                   "removed_by_reason": r.removed_by_reason},
+                      "query": {k: v for k, v in saved.record().items() if k != "embedding"}}, 201)
+
+    def subsets(self, _: Any = None) -> list[dict[str, Any]]:
+        """GET /subsets: every registered subset (built-in, registry file, saved searches) with its latest release."""
+        return subset_summaries(self.config.lake_root, self.config.subsets_registry)
+
+    def explain(self, uid_text: str) -> dict[str, Any]:
+        """GET /explain/{uid}: everything the lake knows about the sample (curation.explain): 404 for a uid the lake
+        does not hold, 400 for one that is not an integer."""
+        return explain(self.config.lake_root, _uid(uid_text), self.config.subsets_registry)
+
     # ------------------------------------------------------------------------------------------------- images
 
     def image(self, uid: int) -> tuple[bytes, str, str]:
@@ -333,8 +389,9 @@ class Service:
 
 def _fields(uid: int, fields: dict[str, Any]) -> dict[str, Any]:
     """A hit's fields as the service names them: clip-retrieval's `similarity` is the query's score, so the stored
-    image-caption similarity is `caption_similarity`; `uid` repeats clip-retrieval's `id`."""
-    out = {"uid": uid, **fields}
+    image-caption similarity is `caption_similarity`; `uid` repeats clip-retrieval's `id`, and `uid_str` spells it
+    as a string because a 64-bit uid does not survive JavaScript's JSON.parse (doubles hold 53 bits)."""
+    out = {"uid": uid, "uid_str": str(uid), **fields}
     if R.SIMILARITY in out:
         out[CAPTION_SIMILARITY] = out.pop(R.SIMILARITY)
     return out
@@ -397,6 +454,30 @@ def _embedding(value: Any, dim: int) -> np.ndarray:
     return vector / norm
 
 
+def _selection(body: dict[str, Any]) -> tuple[float | None, int | None]:
+    """A saved search's (min_similarity, top_k): exactly one given."""
+    given = [k for k in ("min_similarity", "top_k") if body.get(k) not in (None, "")]
+    if len(given) != 1:
+        raise BadRequest(f"give exactly one of min_similarity (a cosine floor) and top_k (got {given or 'none'})")
+    if given == ["top_k"]:
+        return None, _int(body, "top_k", 1, 1, 2**31 - 1)
+    floor = _number(body, "min_similarity", 0.0)
+    if not -1.0 <= floor <= 1.0:
+        raise BadRequest(f"min_similarity must be a cosine in [-1, 1], got {floor}")
+    return floor, None
+
+
+def _provenance(query: dict[str, Any]) -> dict[str, Any]:
+    """What a saved search encoded, for its record: the text or URL, an upload's sha256, the aesthetic shift."""
+    out = {k: query[k] for k in ("text", "image_url", "aesthetic_score", "aesthetic_weight")
+           if query.get(k) not in (None, "")}
+    if query.get("image") not in (None, ""):
+        out["image_sha256"] = hashlib.sha256(base64.b64decode(query["image"])).hexdigest()
+    if query.get("embedding_input") not in (None, ""):
+        out["embedding_input"] = "given"
+    return out
+
+
 def _base64(value: Any, limit: int) -> bytes:
     if not isinstance(value, str) or len(value) > limit * 4 // 3 + 4:
         raise BadRequest(f"image must be a base64 string of at most {limit:,} bytes")
@@ -430,10 +511,16 @@ def build_app(config: ServiceConfig) -> Starlette:
         Route("/indices-list", _endpoint(service, "indices", lambda _: [config.name]), methods=["GET"]),
         Route("/knn-service", _endpoint(service, "knn", service.knn, source="body"), methods=["POST"]),
         Route("/metadata", _endpoint(service, "metadata", service.metadata, source="body"), methods=["POST"]),
+        Route("/subsets", _endpoint(service, "subsets", service.subsets), methods=["GET"]),
+        Route("/subsets", _endpoint(service, "save_subset", service.save_subset, source="body"), methods=["POST"]),
+        Route("/export", _endpoint(service, "export", lambda body: _export_response(service, body), source="body"),
+              methods=["POST"]),
+        Route("/explain/{uid}", _endpoint(service, "explain", service.explain, source="uid"), methods=["GET"]),
         Route("/image/{uid}", _endpoint(service, "image", lambda uid: _image_response(service, uid), source="uid"),
               methods=["GET"]),
         Route("/metrics", _endpoint(service, "metrics", lambda _: PlainTextResponse(
             service.metrics.render(service.gauges()), media_type="text/plain; version=0.0.4")), methods=["GET"]),
+        *explorer_routes(),  # the explorer's page at / and its two files (curation.explorer), without the token
     ]
     # clip-front is deployed on its own origin and calls the API from the browser, as it calls clip_back (which
     # allows every origin): the same here, for the API's simple GET/POST requests (no cookies are ever used).
@@ -478,6 +565,18 @@ def _endpoint(service: Service, name: str, work: Callable[[Any], Any], *, source
     return handle
 
 
+def _export_response(service: Service, body: dict[str, Any]) -> Response:
+    """/export: a /knn-service body plus `format` ("parquet" or "json"), answered with those results as an
+    img2dataset input file (curation.export), as an attachment."""
+    fmt = body.get("format")
+    if fmt not in FORMATS:
+        raise BadRequest(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
+    query = {k: v for k, v in body.items() if k not in ("format", "num_result_ids")}  # only rows with metadata
+    exported = export_results(service.knn(query), fmt, stem=f"{service.config.name}-results")
+    return Response(exported.data, media_type=exported.media_type, headers={
+        "Content-Disposition": f'attachment; filename="{exported.filename}"', "X-Result-Rows": str(exported.rows)})
+
+
 def _image_response(service: Service, uid_text: str) -> Response:
     data, media_type, url = service.image(_uid(uid_text))
     return Response(data, media_type=media_type,
@@ -485,7 +584,11 @@ def _image_response(service: Service, uid_text: str) -> Response:
 
 
 def _refusal(service: Service, request: Request, name: str) -> Response | None:
-    """401 without the right bearer token, 429 over the client's rate; None to go ahead."""
+    """401 without the right bearer token, 403 for a write from another web origin, 429 over the client's rate;
+    None to go ahead."""
+    if name in WRITE_ENDPOINTS and not _same_origin(request, service.config.cors_origins):
+        return _json({"error": f"{request.url.path} writes into the lake and is refused from another web origin "
+                               f"({request.headers.get('origin')}); list it in cors_origins to allow it"}, 403)
     token = service.config.token
     if token is not None and name != "health":
         given = request.headers.get("authorization", "")
@@ -498,6 +601,18 @@ def _refusal(service: Service, request: Request, name: str) -> Response | None:
             return _json({"error": f"rate limit: {service.config.rate_per_s:g} requests/s per client"}, 429,
                          {"Retry-After": str(max(1, math.ceil(wait)))})
     return None
+
+
+def _same_origin(request: Request, allowed: tuple[str, ...]) -> bool:
+    """Whether a request comes from no browser page, this service's own page, or an explicitly allowed origin.
+    Any web page the user opens can POST to a loopback service (a text/plain POST needs no CORS preflight), so a
+    write must not rely on CORS, nor on the token, which is optional on loopback. `*` does not count here."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # not sent by a browser page (curl, ClipClient, the CLI)
+    if origin in allowed:
+        return True
+    return urllib.parse.urlsplit(origin).netloc == request.headers.get("host", "")
 
 
 async def _json_body(request: Request, limit: int) -> dict[str, Any]:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import duckdb
 import pyarrow as pa
 
 from curation import records as R
 from curation.io import finished_tables
-from curation.layout import STAGE_TABLES, Lake
+from curation.layout import STAGE_TABLES, Lake, Partition
 
 # DuckDB's column with each row's file (read_parquet(filename=True)); the lake's tables have no such column.
 _FILE = "filename"
 
 
-def connect(lake_root: str) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
-    """An in-memory DuckDB with a view per stage that has finished partitions (`pairs`, `downloads`, …).
+def connect(lake_root: str, partitions: Collection[Partition] | None = None
+            ) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+    """An in-memory DuckDB with a view per stage that has finished partitions (`pairs`, `downloads`, …);
+    `partitions` limits every view to those partitions' files (all by default).
 
     Only partitions whose success marker exists are visible: a partition being rewritten, or left half
     written by a killed run, is not read. Views are built with the relational API from the listed table
@@ -27,6 +31,9 @@ def connect(lake_root: str) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     for stage, table_name in STAGE_TABLES.items():
         stage_dir = lake.stage_dir(stage)
         files = finished_tables(stage_dir, table_name)
+        if partitions is not None:
+            wanted = {f"crawl={p.crawl}/segment={p.segment}" for p in partitions}
+            files = [f for f in files if "/".join(f.rsplit("/", 3)[1:3]) in wanted]
         if not files:
             continue
         _stage_relation(con, stage_dir, files).create_view(stage)
@@ -68,12 +75,13 @@ KEPT_SQL = """
 """
 
 
-def connect_kept(lake_root: str) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+def connect_kept(lake_root: str, partitions: Collection[Partition] | None = None
+                 ) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
     """`connect` plus the `kept` view (KEPT_SQL); views listed dependents first, so dropping in order works.
 
     Raises FileNotFoundError naming the stages that have no data yet.
     """
-    con, views = connect(lake_root)
+    con, views = connect(lake_root, partitions)
     missing = {"pairs", "downloads", "clip"} - set(views)
     if missing:
         raise FileNotFoundError(f"the lake at {lake_root} has no {sorted(missing)} tables yet: materialize them first")

@@ -13,6 +13,13 @@ plus metadata columns), optionally a webdataset re-shard copied from the downloa
 `release.json` with the definition, parameters, counts and the diff against the previous release (uids added
 and removed, each with a reason). `LATEST.json` names the current release and is written last. An export
 whose rows equal the latest release's makes no new release.
+
+A subset may instead be defined by a saved search (`SubsetDefinition.query`, a curation.saved_queries.SavedQuery:
+a query embedding, the search service's filters and a similarity floor or a top-k). Its matches over the committed
+index generation become the `query_matches` table of the sandboxed candidates and its one condition is
+`uid IN (SELECT uid FROM query_matches)`, so it is released, diffed (`query` is the reason a uid left) and explained
+like any other. Saved searches live in the lake, one JSON file per subset under `<lake>/subsets/_registry/`
+(`save_subset`), and `load_registry(path, lake_root)` lists them beside the built-ins and the registry file's.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import pyarrow.parquet as pq
 from curation import io
 from curation import records as R
 from curation.layout import Lake, Partition, join
+from curation.saved_queries import QueryMatches, SavedQuery, match_query
 from curation.sql import KEPT_VIEW, connect_kept
 
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
@@ -52,6 +60,8 @@ CANDIDATE_SQL = f"SELECT k.*, {{dedupe_columns}} FROM {KEPT_VIEW} k {{dedupe_joi
 WITH_DEDUPE = ("coalesce(x.survivor, false) AS survivor, x.cluster_id, x.reason AS dedupe_reason",
                "LEFT JOIN dedupe x USING (uid, crawl, segment)")
 WITHOUT_DEDUPE = ("false AS survivor, NULL::BIGINT AS cluster_id, 'not deduplicated' AS dedupe_reason", "")
+QUERY_TABLE = "query_matches"  # a saved search's matches (uid, query_similarity), in the sandbox beside candidates
+QUERY_CONDITION = ("query", f"uid IN (SELECT uid FROM {QUERY_TABLE})")
 
 
 @dataclass(frozen=True)
@@ -67,12 +77,15 @@ class SubsetDefinition:
     webdataset: bool = False
     shard_size: int = 10_000
     drift_max_ks: float = 0.2  # a score distribution moving further than this from the last release warns
+    query: SavedQuery | None = None  # a saved search: its matches are QUERY_CONDITION's `query_matches`
 
     def __post_init__(self) -> None:
         if not NAME.match(self.name):
             raise ValueError(f"subset name {self.name!r} must match {NAME.pattern}")
         if not self.conditions:
             raise ValueError(f"subset {self.name}: needs at least one condition")
+        if self.query is not None and QUERY_CONDITION not in self.conditions:
+            raise ValueError(f"subset {self.name}: a saved search needs the condition {QUERY_CONDITION}")
         names = [n for n, _ in self.conditions]
         if len(set(names)) != len(names) or not all(NAME.match(n) for n in names):
             raise ValueError(f"subset {self.name}: condition names must be unique identifiers, got {names}")
@@ -97,21 +110,35 @@ class SubsetDefinition:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> SubsetDefinition:
         """Build from a registry entry: name, description, conditions {name: expr}, params {name: value},
-        survivors_only, parts, webdataset, shard_size, drift_max_ks."""
+        survivors_only, parts, webdataset, shard_size, drift_max_ks, and `query` (a SavedQuery record: the
+        subset is that saved search, narrowed by any other conditions)."""
         known = {"name", "description", "conditions", "params", "survivors_only", "parts", "webdataset",
-                 "shard_size", "drift_max_ks"}
+                 "shard_size", "drift_max_ks", "query"}
         extra = sorted(set(data) - known)
         if extra:
             raise ValueError(f"subset {data.get('name')!r}: unknown keys {extra}; known: {sorted(known)}")
         conditions = data.get("conditions") or {}
         if not isinstance(conditions, Mapping):
             raise ValueError(f"subset {data.get('name')!r}: conditions must map names to expressions")
+        query = None
+        if data.get("query") is not None:
+            try:
+                query = SavedQuery.from_mapping(data["query"])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"subset {data.get('name')!r}: {exc}") from None
+            conditions = {QUERY_CONDITION[0]: QUERY_CONDITION[1], **conditions}
         return cls(name=str(data.get("name", "")), description=str(data.get("description", "")),
                    conditions=tuple((str(k), str(v)) for k, v in conditions.items()),
                    params=tuple((str(k), v) for k, v in (data.get("params") or {}).items()),
                    survivors_only=bool(data.get("survivors_only", True)), parts=int(data.get("parts", 1)),
                    webdataset=bool(data.get("webdataset", False)), shard_size=int(data.get("shard_size", 10_000)),
-                   drift_max_ks=float(data.get("drift_max_ks", 0.2)))
+                   drift_max_ks=float(data.get("drift_max_ks", 0.2)), query=query)
+
+    @classmethod
+    def from_query(cls, name: str, description: str, query: SavedQuery) -> SubsetDefinition:
+        """A subset that is exactly a saved search (dedupe survivors only, as the index is)."""
+        return cls(name=name, description=description or f"saved search: {query.describe()}",
+                   conditions=(QUERY_CONDITION,), query=query)
 
     def resolve_params(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Defaults with overrides applied; an override is cast to its default's type (run config gives strings)."""
@@ -130,7 +157,14 @@ class SubsetDefinition:
         return out
 
     def record(self) -> dict[str, Any]:
-        return {**asdict(self), "conditions": dict(self.conditions), "params": dict(self.params)}
+        """JSON-ready, what `from_mapping` reads back; `query` only for a saved search, so the record (and the
+        release digest over it) of every other subset is what it was before saved searches existed."""
+        out = {**asdict(self), "conditions": dict(self.conditions), "params": dict(self.params)}
+        if self.query is None:
+            out.pop("query")
+        else:
+            out["query"] = self.query.record()
+        return out
 
 
 def _cast(value: Any, kind: type) -> Any:
@@ -203,9 +237,22 @@ BUILTIN_SUBSETS: tuple[SubsetDefinition, ...] = (
 )
 
 
-def load_registry(path: str | None) -> list[SubsetDefinition]:
-    """The built-in subsets plus those in a YAML or JSON registry file (a list of entries, or {subsets: [...]});
-    a registry entry with a built-in's name replaces it."""
+def load_registry(path: str | None, lake_root: str | None = None) -> list[SubsetDefinition]:
+    """The built-in subsets, those in a YAML or JSON registry file (a list of entries, or {subsets: [...]}; an
+    entry with a built-in's name replaces it) and, given a lake, the searches saved in it (`save_subset`). A saved
+    search never takes another subset's name: one that clashes (the file gained the name later) is refused."""
+    defs = _registry_file(path)
+    if lake_root:
+        for saved in saved_definitions(lake_root):
+            if saved.name in defs:
+                where = Lake(lake_root).saved_subset(saved.name)
+                raise ValueError(f"subset {saved.name!r} is both a saved search ({where}) and a built-in or "
+                                 "registry-file subset: rename one of them")
+            defs[saved.name] = saved
+    return list(defs.values())
+
+
+def _registry_file(path: str | None) -> dict[str, SubsetDefinition]:
     defs = {d.name: d for d in BUILTIN_SUBSETS}
     if path:
         text = Path(path).read_text()
@@ -221,22 +268,100 @@ def load_registry(path: str | None) -> list[SubsetDefinition]:
         for entry in entries:
             d = SubsetDefinition.from_mapping(entry)
             defs[d.name] = d
-    return list(defs.values())
+    return defs
+
+
+def saved_definitions(lake_root: str) -> list[SubsetDefinition]:
+    """The saved searches of a lake, by name (a file that does not hold the subset it is named for is refused)."""
+    folder = Lake(lake_root).saved_subsets_dir()
+    fs, root = io.filesystem(folder)
+    if not fs.exists(root):
+        return []
+    out = []
+    for path in sorted(fs.glob(f"{root}/*.json")):
+        name = path.rsplit("/", 1)[-1].removesuffix(".json")
+        try:
+            defn = SubsetDefinition.from_mapping(io.read_json(join(folder, f"{name}.json")))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{join(folder, name)}.json: not a saved search ({exc}); fix or remove it") from None
+        if defn.name != name or defn.query is None:
+            held = "no saved search" if defn.query is None else f"subset {defn.name!r}"
+            raise ValueError(f"{join(folder, name)}.json: holds {held}, not the saved search {name!r}; fix or "
+                             "remove it")
+        out.append(defn)
+    return out
+
+
+def save_subset(lake_root: str, defn: SubsetDefinition, registry: str | None = None) -> ReleaseResult:
+    """Save a search (`defn.query`) as a subset of the lake and export its first release. Refused (ValueError) when
+    the name is taken by a registered subset or by an earlier subset's releases; the definition is removed again
+    when the first export fails."""
+    if defn.query is None:
+        raise ValueError(f"subset {defn.name}: only saved searches are saved in the lake; add SQL subsets to the "
+                         "registry file")
+    taken = {d.name for d in load_registry(registry, lake_root)}
+    if defn.name in taken:
+        raise ValueError(f"a subset named {defn.name!r} already exists; choose another name")
+    if io.exists(join(subset_dir(lake_root, defn.name), LATEST_FILE)):
+        raise ValueError(f"{subset_dir(lake_root, defn.name)} already holds releases of an earlier subset named "
+                         f"{defn.name!r}; choose another name")
+    path = Lake(lake_root).saved_subset(defn.name)
+    io.write_json(defn.record(), path)
+    try:
+        return export_subset(lake_root, defn)
+    except Exception:
+        io.remove(path)
+        raise
+
+
+def subset_summaries(lake_root: str, registry: str | None = None) -> list[dict[str, Any]]:
+    """Every registered subset (built-in, registry file, saved in the lake) with its latest release, for listings."""
+    out = []
+    for d in load_registry(registry, lake_root):
+        latest = latest_release(lake_root, d.name)
+        entry: dict[str, Any] = {
+            "name": d.name, "description": d.description, "kind": "search" if d.query else "conditions",
+            "conditions": dict(d.conditions), "params": dict(d.params),
+            "latest": None if latest is None else {k: latest.get(k) for k in ("release", "rows", "digest",
+                                                                              "previous_release", "created_unix")},
+        }
+        if latest is not None:
+            entry["latest"]["diff"] = {k: latest["diff"][k] for k in ("added", "removed")}
+        if d.query is not None:
+            q = d.query.record()
+            entry["query"] = {k: q[k] for k in ("modality", "min_similarity", "top_k", "filters", "source",
+                                                "clip_model", "clip_checkpoint", "generation")}
+        out.append(entry)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- selection
 
 
-def sandboxed_candidates(lake_root: str) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB holding `candidates` as a table, with external access off and configuration locked."""
+def sandboxed_candidates(lake_root: str, matches: QueryMatches | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB holding `candidates` as a table (and a saved search's `matches` as QUERY_TABLE), with
+    external access off and configuration locked."""
     con, views = connect_kept(lake_root)
     cols, joins = WITH_DEDUPE if "dedupe" in views else WITHOUT_DEDUPE
     con.execute("CREATE TABLE candidates AS " + CANDIDATE_SQL.format(dedupe_columns=cols, dedupe_join=joins))
     for view in views:
         con.execute(f'DROP VIEW "{view}"')  # fixed names: the stages' and `kept`
+    if matches is not None:
+        con.register("_matches", pa.table({"uid": pa.array(matches.uids, pa.int64()),
+                                           "query_similarity": pa.array(matches.scores, pa.float32())}))
+        con.execute(f"CREATE TABLE {QUERY_TABLE} AS SELECT * FROM _matches")
+        con.unregister("_matches")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def subset_candidates(lake_root: str, defn: SubsetDefinition
+                      ) -> tuple[duckdb.DuckDBPyConnection, QueryMatches | None]:
+    """The sandbox `select`, `explain_missing` and the export evaluate `defn` in: with its saved search's matches over
+    the committed index generation when it is one."""
+    matches = match_query(lake_root, defn.query) if defn.query is not None else None
+    return sandboxed_candidates(lake_root, matches), matches
 
 
 def _where(defn: SubsetDefinition, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -345,7 +470,7 @@ def export_subset(lake_root: str, defn: SubsetDefinition, overrides: Mapping[str
     """Evaluate a subset over the lake and publish it as a new release when its rows changed (see module doc)."""
     started = time.perf_counter()
     params = defn.resolve_params(overrides)
-    con = sandboxed_candidates(lake_root)
+    con, matches = subset_candidates(lake_root, defn)
     rows = select(con, defn, params)
     digest = _digest(defn, params, rows)
     previous = latest_release(lake_root, defn.name)
@@ -371,6 +496,8 @@ def export_subset(lake_root: str, defn: SubsetDefinition, overrides: Mapping[str
         "previous_release": int(previous["release"]) if previous else None, "diff": diff, "drift": drift,
         "created_unix": round(time.time(), 3),
     }
+    if matches is not None:
+        record["query"] = matches.summary()  # the generation it was evaluated on, its matches and their scores
     io.write_json(record, join(base, RELEASE_FILE))
     io.write_json({"release": number, "path": rel_path, "digest": digest},
                   join(subset_dir(lake_root, defn.name), LATEST_FILE))  # the commit point

@@ -106,6 +106,7 @@ class Settings:
     subset_cron: str = "0 4 * * *"
     cpu_stages: str = "process"  # "compute": pairs and downloads run as jobs on the compute resource too
     slurm: SlurmSettings | None = None
+    explorer_url: str | None = None  # where `curation serve` runs the explorer; the index asset links to it
 
     def __post_init__(self) -> None:
         if self.compute not in COMPUTE_MODES:
@@ -114,6 +115,9 @@ class Settings:
         if self.cpu_stages not in CPU_STAGE_PLACES:
             raise ValueError(f"CURATION_CPU_STAGES must be one of {', '.join(CPU_STAGE_PLACES)}, "
                              f"got {self.cpu_stages!r}")
+        if self.explorer_url is not None and not self.explorer_url.startswith(("http://", "https://")):
+            raise ValueError(f"CURATION_EXPLORER_URL must be an http(s) URL (where `curation serve` runs), "
+                             f"got {self.explorer_url!r}")
         for name in ("clip_gpus", "index_gpus"):
             value = getattr(self, name)
             if value is None:
@@ -133,7 +137,9 @@ class Settings:
         cuda), CURATION_CLIP_GPUS / CURATION_INDEX_GPUS (GPUs each clip / index job requests; default 1 under
         slurm, else 0), CURATION_SUBSETS (a YAML/JSON registry of extra subset definitions), CURATION_CPU_STAGES
         (process, or compute to run pairs and downloads as jobs on the compute resource too),
-        CURATION_SUBSET_CRON (when the subset_refresh schedule re-exports the subsets; default daily at 04:00).
+        CURATION_SUBSET_CRON (when the subset_refresh schedule re-exports the subsets; default daily at 04:00),
+        CURATION_EXPLORER_URL (the explorer `curation serve` runs over this lake, e.g. http://127.0.0.1:1234/; the
+        index asset's metadata links to it).
 
         `overrides` are field values that replace the environment's (`curation run`'s flags); the variables
         they replace are not read. The values are validated on construction; `check` looks at the files."""
@@ -150,6 +156,7 @@ class Settings:
             "subsets_registry": lambda: os.environ.get("CURATION_SUBSETS") or None,
             "subset_cron": lambda: os.environ.get("CURATION_SUBSET_CRON") or "0 4 * * *",
             "cpu_stages": lambda: os.environ.get("CURATION_CPU_STAGES") or "process",
+            "explorer_url": lambda: os.environ.get("CURATION_EXPLORER_URL", "").strip() or None,
         }
         unknown = sorted(set(overrides) - set(readers))
         if unknown:

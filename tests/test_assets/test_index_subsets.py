@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from assets.index import index
+from assets.index import build_index_asset, index
 from assets.subsets import build_subset_assets
 from curation import records as R
 from curation.index import index_ids, load_index
@@ -188,3 +188,16 @@ def test_new_parameters_make_a_diffed_release_and_reruns_do_not(
     assert release["diff"]["removed_by_reason"] == {"aesthetic": mat.metadata["removed"].value}
     assert all(r["reason"] == "aesthetic" for r in release["diff"]["removed_sample"])
     assert release["previous_release"] == 1 and release["params"]["min_aesthetic"] == 7.0
+
+
+def test_index_metadata_links_to_the_explorer(published: tuple[Path, dg.ExecuteInProcessResult],
+                                              sample_web: SampleWeb, tmp_path: Path) -> None:
+    [plain] = published[1].asset_materializations_for_node("index")
+    assert "explorer" not in plain.metadata  # no CURATION_EXPLORER_URL: no link
+    lake = tmp_path / "lake"
+    shutil.copytree(published[0], lake)
+    linked = build_index_asset(explorer_url="http://127.0.0.1:1234/")
+    result = dg.materialize([linked], resources=_resources(lake, sample_web))
+    [mat] = result.asset_materializations_for_node("index")
+    assert mat.metadata["explorer"] == dg.MetadataValue.url("http://127.0.0.1:1234/")
+    assert mat.metadata["vectors"].value == plain.metadata["vectors"].value  # the report's metadata is all there

@@ -14,7 +14,7 @@ from resources.settings import Settings, env_flag, lake_write_problem, read_mode
 
 VARIABLES = ("CURATION_LAKE", "CURATION_COMPUTE", "CURATION_CLIP_SPEC", "CURATION_SUBSETS",
              "CURATION_ALLOW_LOOPBACK", "CURATION_CLIP_DEVICE", "CURATION_CLIP_GPUS", "CURATION_INDEX_GPUS",
-             "CURATION_CPU_STAGES")
+             "CURATION_CPU_STAGES", "CURATION_EXPLORER_URL")
 
 
 @pytest.fixture(autouse=True)
@@ -145,3 +145,12 @@ def test_read_models_spec_returns_the_file(tmp_path: Path) -> None:
     spec = {"model_name": "toy-clip", "pretrained": "x.pt", "heads": {"punsafe": str(head)}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     assert read_models_spec(str(tmp_path / "spec.json")) == spec
+
+
+def test_explorer_url_is_an_http_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.from_env().explorer_url is None
+    monkeypatch.setenv("CURATION_EXPLORER_URL", "127.0.0.1:1234")
+    assert load_error() == ("CURATION_EXPLORER_URL must be an http(s) URL (where `curation serve` runs), "
+                            "got '127.0.0.1:1234'")
+    monkeypatch.setenv("CURATION_EXPLORER_URL", " http://127.0.0.1:1234/ ")
+    assert Settings.from_env().explorer_url == "http://127.0.0.1:1234/"

@@ -73,7 +73,7 @@ def test_text_queries_return_the_concept(server: Server, truth: dict[int, dict[s
         assert len(results) == 10
         precision.append(_precision(truth, results, concept))
         first.append(truth[results[0]["id"]]["concept"] == concept)
-        assert all(r["url"] and r["caption"] and r["uid"] == r["id"] for r in results)
+        assert all(r["url"] and r["caption"] and r["uid"] == r["id"] and r["uid_str"] == str(r["id"]) for r in results)
         assert [r["similarity"] for r in results] == sorted((r["similarity"] for r in results), reverse=True)
     # measured on the fixture web: P@10 0.60 (few images per concept), top-1 0.95
     assert np.mean(precision) >= 0.5 and np.mean(first) >= 0.85, (np.mean(precision), np.mean(first))
