@@ -4,7 +4,8 @@
 the query's `similarity`, `url`, `caption` and every score) and returns the file: one row per result, best first,
 with img2dataset's `url` and `caption` columns (`img2dataset --input_format parquet --url_col url --caption_col
 caption`, or `--input_format json` for the JSON array) and beside them the uid, both similarities and the scores,
-which img2dataset carries into its output with `--save_additional_columns`. The columns are fixed, so an empty
+which img2dataset carries into its output with `--save_additional_columns`. `similarity` is the image-caption cosine
+as in LAION's parquet and our subset releases; the query's score is `query_similarity`. The columns are fixed, so an empty
 result set is still a readable file with the same schema.
 """
 
@@ -22,11 +23,13 @@ import pyarrow.parquet as pq
 
 from curation import records as R
 
-QUERY_SIMILARITY = "similarity"  # the query's score, as clip-retrieval names it
+QUERY_SIMILARITY = "query_similarity"  # the result's score against the query (clip-retrieval's `similarity`)
+# export column -> result field where the names differ: LAION's `similarity` is the image-caption cosine
+_SOURCE = {R.SIMILARITY: R.CAPTION_SIMILARITY, QUERY_SIMILARITY: R.SIMILARITY}
 # (column, type) of every exported row: img2dataset's two columns first, then identity and scores.
 EXPORT_SCHEMA = pa.schema([
     (R.URL, pa.string()), (R.CAPTION, pa.string()), (R.UID, pa.int64()), (QUERY_SIMILARITY, pa.float64()),
-    (R.CAPTION_SIMILARITY, pa.float64()), (R.AESTHETIC, pa.float64()), (R.PUNSAFE, pa.float64()),
+    (R.SIMILARITY, pa.float64()), (R.AESTHETIC, pa.float64()), (R.PUNSAFE, pa.float64()),
     (R.PWATERMARK, pa.float64()), (R.NSFW_TAG, pa.string()), (R.LANGUAGE, pa.string()),
     (R.ORIGINAL_WIDTH, pa.int64()), (R.ORIGINAL_HEIGHT, pa.int64()), (R.WIDTH, pa.int64()), (R.HEIGHT, pa.int64()),
     (R.SHA256, pa.string()), (R.CRAWL, pa.string()), (R.SEGMENT, pa.string()),
@@ -46,7 +49,8 @@ class ExportFile:
 
 def results_table(results: Sequence[Mapping[str, Any]]) -> pa.Table:
     """The results that carry metadata (clip-retrieval's id-only tail is skipped) as a table of EXPORT_SCHEMA."""
-    rows = [{name: _plain(r.get(name)) for name in EXPORT_SCHEMA.names} for r in results if R.URL in r]
+    rows = [{name: _plain(r.get(_SOURCE.get(name, name))) for name in EXPORT_SCHEMA.names} for r in results
+            if R.URL in r]
     return pa.Table.from_pylist(rows, schema=EXPORT_SCHEMA)
 
 

@@ -114,7 +114,7 @@ def browser(window: tuple[int, int] = (1400, 1000)) -> Iterator[Browser]:
 def _page_target(port: str) -> str:
     import urllib.request
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 90
     while True:
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as r:

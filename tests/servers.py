@@ -29,7 +29,7 @@ class Server:
 
     def __enter__(self) -> Server:
         self.thread.start()
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # generous: CI machines run this beside model training
         while not self.server.started:
             assert time.monotonic() < deadline and self.thread.is_alive(), "the service did not start"
             time.sleep(0.05)

@@ -79,7 +79,8 @@ def test_export_returns_the_search_results_as_a_file(server: Server, tmp_path: P
     table = pq.read_table(io.BytesIO(data))
     assert table.column("uid").to_pylist() == [r["id"] for r in results]  # the same rows, in the same order
     assert table.column("url").to_pylist() == [r["url"] for r in results]
-    assert table.column("similarity").to_pylist() == pytest.approx([r["similarity"] for r in results])
+    assert table.column("query_similarity").to_pylist() == pytest.approx([r["similarity"] for r in results])
+    assert table.column("similarity").to_pylist() == pytest.approx([r["caption_similarity"] for r in results])
     assert min(table.column("aesthetic").to_pylist()) >= 3  # the filters applied
     parquet = tmp_path / "results.parquet"
     parquet.write_bytes(data)
