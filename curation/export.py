@@ -5,8 +5,8 @@ the query's `similarity`, `url`, `caption` and every score) and returns the file
 with img2dataset's `url` and `caption` columns (`img2dataset --input_format parquet --url_col url --caption_col
 caption`, or `--input_format json` for the JSON array) and beside them the uid, both similarities and the scores,
 which img2dataset carries into its output with `--save_additional_columns`. `similarity` is the image-caption cosine
-as in LAION's parquet and our subset releases; the query's score is `query_similarity`. The columns are fixed, so an empty
-result set is still a readable file with the same schema.
+as in LAION's parquet and our subset releases; the query's score is `query_similarity`. The columns are fixed, so
+an empty result set is still a readable file with the same schema.
 """
 
 from __future__ import annotations
