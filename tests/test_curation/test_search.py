@@ -128,6 +128,12 @@ def test_ivf_filtered_search_keeps_recall(tmp_path: Path) -> None:
             assert len(got) == 10 and set(got) <= allowed
             recalls.append(len(set(got) & set(brute(vectors, q, 10, allowed))) / 10)
         assert np.mean(recalls) >= 0.9, (lo, np.mean(recalls))
+    # a handful pass: the first probe (nprobe / sqrt(share)) leaves queries short of k, the widened one finds them all
+    lo = sorted(clip[u][R.AESTHETIC] for u in vectors)[-40]
+    allowed = {u for u in vectors if clip[u][R.AESTHETIC] >= lo}
+    assert gen.manifest.nprobe / np.sqrt(len(allowed) / len(vectors)) < gen.manifest.nlist  # not every list at first
+    for ranked in gen.search(unit_vectors(30, DIM, seed=12), len(allowed), Filters(ranges=(("aesthetic", lo, None),))):
+        assert {int(gen.store.uids[r]) for r, _ in ranked} == allowed
 
 
 def test_nothing_passes_gives_no_hits(flat_lake: tuple[Path, dict[int, np.ndarray]]) -> None:
