@@ -4,7 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.clip import clip
-from assets.conventions import EAGER, blocking_check
+from assets.conventions import EAGER, LAKE_WRITER_POOL, blocking_check
 from assets.metadata import stage_result
 from curation.dedupe import DedupeConfig
 from curation.stages import materialize_dedupe
@@ -25,6 +25,7 @@ class DedupeRunConfig(dg.Config):
     kinds={"python", "duckdb"},
     group_name="dedupe",
     automation_condition=EAGER,
+    pool=LAKE_WRITER_POOL,
     check_specs=[
         blocking_check(
             "dedupe",

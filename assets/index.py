@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_slurm import ComputeResource
 from pydantic import Field
 
-from assets.conventions import EAGER, blocking_check
+from assets.conventions import EAGER, LAKE_WRITER_POOL, blocking_check
 from assets.dedupe import dedupe
 from assets.metadata import dispatched_result, explorer_link
 from curation.index import IndexConfig
@@ -39,6 +39,7 @@ def build_index_asset(default_gpus: int = 0, explorer_url: str | None = None) ->
         kinds={"faiss", "slurm"},
         group_name="index",
         automation_condition=EAGER,
+        pool=LAKE_WRITER_POOL,
         check_specs=[
             blocking_check(
                 "index",

@@ -16,13 +16,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from assets.conventions import POOL_YAML
 from assets.partitions import crawl_partitions, crawl_segment_partitions, partition_key
 from assets.run_command import add_run_command as add_run_command  # its home before it moved
 from assets.wiring import build_definitions
 from curation import crawls as cc
 from resources.settings import Settings
 
-DAGSTER_YAML = "telemetry:\n  enabled: false\n"
+DAGSTER_YAML = "telemetry:\n  enabled: false\n" + POOL_YAML
 # Keep the console for the progress display: step events go to the instance (and the UI), not stdout.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import dagster as dg
 from pydantic import Field
 
-from assets.conventions import EAGER, blocking_check
+from assets.conventions import EAGER, LAKE_WRITER_POOL, blocking_check
 from assets.dedupe import dedupe
 from assets.metadata import stage_result
 from curation.stages import materialize_subset
@@ -42,6 +42,7 @@ def build_subset_asset(defn: SubsetDefinition) -> dg.AssetsDefinition:
         kinds={"duckdb", "parquet"},
         group_name=GROUP,
         automation_condition=EAGER if searched else None,
+        pool=LAKE_WRITER_POOL,
         description=f"{defn.description}. {rule}"
         + ("; dedupe survivors only" if defn.survivors_only else "")
         + f". Exported as {defn.parts} img2dataset-compatible parquet part(s)"

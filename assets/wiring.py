@@ -15,6 +15,7 @@ from assets.index import build_index_asset
 from assets.pairs import build_pairs
 from assets.sensors import build_crawl_sensor, crawl_sensor_default_running
 from assets.subsets import build_subset_assets, build_subset_schedule
+from assets.takedowns import build_takedown_sensor, build_takedowns_asset
 from curation.subsets import load_registry
 from resources.clip_model import ClipModelResource
 from resources.compute import build_compute
@@ -33,10 +34,12 @@ def build_definitions(settings: Settings) -> dg.Definitions:
     on_compute = settings.cpu_stages == "compute"
     return dg.Definitions(
         assets=[build_pairs(on_compute), build_downloads(on_compute), clip, dedupe,
-                build_index_asset(settings.index_gpus or 0, settings.explorer_url), *subsets],
+                build_index_asset(settings.index_gpus or 0, settings.explorer_url), *subsets,
+                build_takedowns_asset(settings.subsets_registry)],
         schedules=[build_subset_schedule(settings.subset_cron)],
         sensors=[
             build_crawl_sensor(crawl_sensor_default_running(settings.crawl_root)),
+            build_takedown_sensor(),
             # Declarative automation (downstream partitions follow upstream ones) needs a running
             # automation sensor; Dagster's implicit one is off until enabled in the UI.
             dg.AutomationConditionSensorDefinition(

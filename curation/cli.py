@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_subset_commands(sub)
     _add_serve_command(sub)
     _add_explain_command(sub)
+    _add_takedown_commands(sub)
 
     from curation.phash import add_phash_parser
 
@@ -532,6 +533,77 @@ def _explain(args: argparse.Namespace) -> int:
     except NotInLake as exc:
         return _fail(args, str(exc))
     print(json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False))
+    return 0
+
+
+def _add_takedown_commands(sub: _Subparsers) -> None:
+    """`takedown add|propagate|report`: takedown lists and where their removals reached (curation.takedowns)."""
+    p = sub.add_parser("takedown", help="ingest takedown lists, propagate removals, report (curation.takedowns)")
+    tsub = p.add_subparsers(dest="takedown_command", required=True)
+    t = tsub.add_parser("add", help="ingest a list: match the lake at once (search stops returning the hits), then "
+                                    "remove them everywhere")
+    t.add_argument("lake")
+    t.add_argument("file", help="CSV (kind,value[,radius,min_punsafe]), JSON lines, or text: `kind value` per line")
+    t.add_argument("--list", required=True, dest="list_name", help="the list's name (in reasons: takedown:<name>)")
+    t.add_argument("--reason", default=None, help="why (required unless the file has a `# reason:` line)")
+    t.add_argument("--kind", default=None,
+                   help="the kind of every line of a text file that holds values only (e.g. image_md5)")
+    t.add_argument("--registry", default=None, help="subsets registry whose releases to update (default: "
+                                                     "CURATION_SUBSETS; the built-ins and saved searches always)")
+    t.add_argument("--no-propagate", action="store_true",
+                   help="only ingest and match (the takedowns asset propagates later)")
+    t.set_defaults(func=_takedown_add)
+    t = tsub.add_parser("propagate", help="remove every taken-down sample from tables, shards, index and releases")
+    t.add_argument("lake")
+    t.add_argument("--registry", default=None, help="subsets registry (default: CURATION_SUBSETS)")
+    t.set_defaults(func=_takedown_propagate)
+    t = tsub.add_parser("report", help="every list: entries, matches per kind, propagation and its time")
+    t.add_argument("lake")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_takedown_report)
+
+
+def _takedown_add(args: argparse.Namespace) -> int:
+    from curation.takedowns import ingest
+
+    data = Path(args.file).read_bytes()
+    result = ingest(args.lake, data, name=args.list_name, reason=args.reason, source=Path(args.file).name,
+                    default_kind=args.kind)
+    rec = result.record
+    state = "ingested" if result.new else "already ingested (same content), matched again"
+    print(f"{rec.name}: {state}: {rec.entries:,} entries {rec.by_kind}; {sum(result.matched.values()):,} rows "
+          f"matched {result.matched} in {result.match_seconds:.2f} s")
+    if args.no_propagate:
+        return 0
+    return _takedown_propagate(args)
+
+
+def _takedown_propagate(args: argparse.Namespace) -> int:
+    from curation.takedowns import propagate
+
+    registry = args.registry or os.environ.get("CURATION_SUBSETS") or None
+    r = propagate(args.lake, registry)
+    s = r.scrub
+    print(f"propagated in {r.seconds:.2f} s: {r.taken_down:,} rows taken down; emptied {dict(s.rows)} in "
+          f"{len(s.partitions)} partitions, {s.shard_members:,} shard members, {s.embedding_rows:,} embedding rows; "
+          f"index generation {r.index_generation} (-{r.index_removed:,}); releases "
+          f"{ {k: v['release'] for k, v in r.subsets.items()} }, {s.release_rows:,} release rows scrubbed")
+    return 0
+
+
+def _takedown_report(args: argparse.Namespace) -> int:
+    from curation.takedowns import report
+
+    data = report(args.lake)
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    for item in data["lists"]:
+        took = item["ingest_to_propagated_s"]
+        print(f"{item['list']}: {item['reason']!r}; {item['entries']:,} entries {item['entries_by_kind']}; "
+              f"{item['rows']:,} rows {item['rows_by_kind']} in {len(item['partitions'])} partitions; "
+              + (f"propagated {took:.1f} s after ingest" if item["propagated"] else "NOT yet propagated"))
+    print(f"{data['taken_down']:,} rows taken down")
     return 0
 
 

@@ -611,6 +611,8 @@ def _result_table(pairs: pa.Table, config: ClipPassConfig, downloads: pa.Table, 
     phash_of = dict(zip(uids.tolist(), phashes.view(np.int64).tolist(), strict=True))
     download_status = dict(zip(downloads.column(R.UID).to_pylist(), downloads.column(R.STATUS).to_pylist(),
                               strict=True))
+    download_reason = dict(zip(downloads.column(R.UID).to_pylist(), downloads.column(R.REASON).to_pylist(),
+                              strict=True))
     out: dict[str, list[Any]] = {name: [] for name in CLIP_SCHEMA.names}
     for uid, language in zip(pairs.column(R.UID).to_pylist(), pairs.column(R.LANGUAGE).to_pylist(), strict=True):
         threshold = config.threshold_for(language)
@@ -624,6 +626,8 @@ def _result_table(pairs: pa.Table, config: ClipPassConfig, downloads: pa.Table, 
         elif uid in failed:
             status = reason = R.STATUS_FAILED_DECODE
             keep, error = False, failed[uid]
+        elif download_status.get(uid) == R.STATUS_TAKEN_DOWN:  # emptied by a takedown (curation.takedowns)
+            status, reason, keep = R.STATUS_TAKEN_DOWN, download_reason.get(uid), False
         else:
             status = reason = R.STATUS_NOT_DOWNLOADED
             keep, error = False, download_status.get(uid)

@@ -23,8 +23,17 @@ multiprocessing distributor). Our policies plug in through its own extension poi
 img2dataset's worker downloads with `threads` threads but resizes in the one thread that collects their
 results, so decode memory is that of one image at a time (plus up to 2 x threads undecoded bodies).
 
+Takedowns (curation.blocklist): a pair the crawl blocklist refuses (URL, host, uid, caption rule) is never handed
+to img2dataset, so nothing of it is fetched, robots.txt included; it keeps its row, shard and key null. The
+resizer hashes every original body (sha256, md5) and refuses a listed one, and refuses an image whose stored
+(resized) version's pHash lies within a listed radius, before img2dataset writes anything: such a sample gets
+no bytes in the tar, only its meta row. Either way the row is `blocked`, reason `takedown:<list>`. img2dataset
+computes one hash (`sha256`); the resizer keeps sha256 -> md5 per shard in a side file next to the hop log, and
+`md5` is joined on `sha256` (same bytes, same md5).
+
 Status mapping (img2dataset status -> ours; `error` keeps img2dataset's `error_message`):
-  success -> success; failed_to_resize -> failed_to_resize (undecodable body, or refused by the
+  an error starting `takedown:<list>` -> blocked, reason `takedown:<list>` (see above); success -> success;
+  failed_to_resize -> failed_to_resize (undecodable body, or refused by the
   content rules: too small, wrong format, too many pixels); failed_to_download -> blocked when the
   reason is one of records.BLOCKED_REASONS: an SSRF/scheme block ("blocked: …", redirects to
   file:/gopher:… included), the X-Robots-Tag opt-out, robots.txt or a TDM reservation; else
@@ -37,6 +46,7 @@ Status mapping (img2dataset status -> ours; `error` keeps img2dataset's `error_m
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
@@ -60,10 +70,12 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from curation import records as R
+from curation.blocklist import CrawlBlocklist, takedown_reason
 from curation.consent import ROBOTS_MAX_BYTES, ROBOTS_PREFIX, TDM_PREFIX, ConsentPolicy
 from curation.io import filesystem, is_local
 from curation.layout import join
 from curation.netguard import NetPolicy, install_process_guard
+from curation.phash import phash_bytes
 
 # albumentations (imported by img2dataset's resizer, here and in every spawned worker, which inherits
 # this environment) phones home for updates on import unless this is set. Setting it is a write for the
@@ -81,6 +93,8 @@ ENCODE_FORMATS = ("jpg", "png", "webp")
 ROBOTS_ERROR = "Use of image disallowed by X-Robots-Tag directive"  # img2dataset's opt-out message
 NO_RESULT = "no result: img2dataset shard failed"
 SHARDS_DIR = "shards"
+MD5_LOG_SUFFIX = ".md5.json"  # per-shard side file of sha256 -> md5, beside the hop log `<shard>.jsonl`
+PAIR_TAKEDOWN_ERROR = "pair on a takedown list, never fetched"
 OOM_SHARD_COUNT = 5  # shard names have 5 digits, as in img2dataset and the LAION releases
 DEADLINE_TIMEOUTS = 3  # the default per-URL deadline, in multiples of timeout_s
 FLATTEN_BAND_PIXELS = 1 << 20  # pixels per band when flattening alpha: ~30 MB of temporaries a band
@@ -97,6 +111,7 @@ DOWNLOADS_SCHEMA = pa.schema([
     (R.WIDTH, pa.int32()),
     (R.HEIGHT, pa.int32()),
     (R.SHA256, pa.string()),
+    (R.MD5, pa.string()),
     (R.SHARD, pa.string()),
     (R.KEY, pa.string()),
     (R.REASON, pa.string()),
@@ -125,6 +140,8 @@ def classify_error(error: str | None) -> str | None:
     """The reason code of a download error string (None for no error)."""
     if error is None:
         return None
+    if error.startswith(R.REASON_TAKEDOWN_PREFIX):  # `takedown:<list>: what`; list names hold no ':'
+        return takedown_reason(error[len(R.REASON_TAKEDOWN_PREFIX):].split(":", 1)[0].strip())
     if error.startswith("HTTP Error "):
         code = error[len("HTTP Error "):].split(":", 1)[0].strip()
         if code in ("301", "302", "303", "307", "308") and "infinite loop" in error:
@@ -345,8 +362,19 @@ def flatten_alpha(data: bytes, band_pixels: int = FLATTEN_BAND_PIXELS) -> bytes 
     return bmp.tobytes()
 
 
+def takedown_error(list_name: str, what: str) -> str:
+    """The error text of a sample a takedown list refused: `takedown:<list>: what` (classify_error reads the list)."""
+    return f"{takedown_reason(list_name)}: {what}"
+
+
 class GuardedResizer(Resizer):
-    """img2dataset's Resizer behind the header-only content rules (size, format, pixel count).
+    """img2dataset's Resizer behind the takedown hashes and the header-only content rules (size, format, pixels).
+
+    Every original body is hashed (sha256, md5): a body a takedown list names by either hash is refused before
+    anything else, and the md5 is kept in `md5_by_sha256` for the downloads table (the downloader drains it per
+    shard). When the blocklist has pHash entries, the resized, encoded output (what the shard would store, what
+    clip's `phash` is computed on) is hashed too and refused within a listed radius. A refusal is an error
+    message, so img2dataset writes no image bytes for it.
 
     Images the header says have alpha and more than `flatten_alpha_above_pixels` pixels reach it
     flattened (`flatten_alpha`): the same output at a seventh of the peak memory (9400x9400 RGBA:
@@ -354,14 +382,37 @@ class GuardedResizer(Resizer):
     """
 
     def __init__(self, *, min_image_bytes: int, max_image_pixels: int, allowed_formats: tuple[str, ...],
-                 flatten_alpha_above_pixels: int = 1 << 20, **resizer_kwargs: Any) -> None:
+                 flatten_alpha_above_pixels: int = 1 << 20, blocklist: CrawlBlocklist | None = None,
+                 **resizer_kwargs: Any) -> None:
         super().__init__(**resizer_kwargs)
         self.min_image_bytes = min_image_bytes
         self.max_image_pixels = max_image_pixels
         self.allowed_formats = allowed_formats
         self.flatten_alpha_above_pixels = flatten_alpha_above_pixels
+        self.blocklist = blocklist if blocklist is not None and blocklist.has_image_rules else None
+        self.md5_by_sha256: dict[str, str] = {}
 
     def __call__(self, img_stream: BinaryIO, blurring_bbox_list: Any = None) -> tuple[Any, ...]:
+        body = img_stream.read()  # a BytesIO built from bytes hands them back without a copy
+        img_stream.seek(0)
+        sha256, md5 = hashlib.sha256(body).hexdigest(), hashlib.md5(body, usedforsecurity=False).hexdigest()
+        del body
+        if self.blocklist is not None:
+            listed = self.blocklist.refuse_image(sha256=sha256, md5=md5)
+            if listed is not None:
+                return None, None, None, None, None, takedown_error(listed, "image hash on a takedown list")
+        out = self._resize(img_stream, blurring_bbox_list)
+        if out[-1] is None and self.blocklist is not None and self.blocklist.phash:
+            hashes, errors = phash_bytes([out[0]])
+            # An output Pillow cannot hash is left to clip, which reports it as undecodable.
+            listed = self.blocklist.refuse_image(phash=int(hashes[0])) if errors[0] is None else None
+            if listed is not None:
+                return None, None, None, None, None, takedown_error(listed, "image pHash near a takedown entry")
+        if out[-1] is None:
+            self.md5_by_sha256[sha256] = md5
+        return out
+
+    def _resize(self, img_stream: BinaryIO, blurring_bbox_list: Any) -> tuple[Any, ...]:
         header = read_header(img_stream, min_image_bytes=self.min_image_bytes,
                              max_image_pixels=self.max_image_pixels, allowed_formats=self.allowed_formats)
         if isinstance(header, str):
@@ -382,7 +433,8 @@ class GuardedDownloader(Downloader):
     """img2dataset's Downloader, run with our guarded opener installed in the worker process.
 
     After each shard it writes the hop records (original URL -> http_status, final_url, block reason)
-    to `<netlog_dir>/<shard>.jsonl`; a retried shard overwrites its file.
+    to `<netlog_dir>/<shard>.jsonl` and the resizer's sha256 -> md5 map to `<netlog_dir>/<shard>.md5.json`;
+    a retried shard overwrites its files.
     """
 
     def __init__(self, *, policy: NetPolicy, max_body_bytes: int, max_connections_per_host: int | None,
@@ -404,15 +456,21 @@ class GuardedDownloader(Downloader):
         # Our header check already refuses oversized images; PIL's warning about them is noise.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         guard.recorder.drain()  # a worker handles one shard at a time: start it clean
+        md5s: dict[str, str] = self.resizer.md5_by_sha256 if isinstance(self.resizer, GuardedResizer) else {}
+        md5s.clear()
         result: tuple[bool, tuple[int, str]] = super().__call__(row)
-        shard_id = row[0]
-        path = os.path.join(self.netlog_dir, f"{shard_id:0{OOM_SHARD_COUNT}d}.jsonl")
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in guard.recorder.drain():
-                f.write(json.dumps(rec) + "\n")
-        os.replace(tmp, path)
+        stem = os.path.join(self.netlog_dir, f"{row[0]:0{OOM_SHARD_COUNT}d}")
+        _write_replacing(f"{stem}.jsonl", "".join(json.dumps(rec) + "\n" for rec in guard.recorder.drain()))
+        _write_replacing(f"{stem}{MD5_LOG_SUFFIX}", json.dumps(md5s))
+        md5s.clear()
         return result
+
+
+def _write_replacing(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _request_url(url: str | None) -> str | None:
@@ -441,12 +499,18 @@ def _load_pairs(pairs: pa.Table | str) -> pa.Table:
 
 
 def _build_downloader(config: DownloadConfig, policy: NetPolicy, column_list: list[str], output_folder: str,
-                      netlog_dir: str) -> GuardedDownloader:
+                      netlog_dir: str, blocklist: CrawlBlocklist | None = None) -> GuardedDownloader:
+    # Only the image rules travel: the downloader is pickled with every shard, and the pair rules were
+    # applied before img2dataset saw the pairs.
+    image_rules = (CrawlBlocklist(image_sha256=blocklist.image_sha256, image_md5=blocklist.image_md5,
+                                  phash=blocklist.phash)
+                   if blocklist is not None and blocklist.has_image_rules else None)
     resizer = GuardedResizer(
         min_image_bytes=config.min_image_bytes,
         max_image_pixels=config.max_image_pixels,
         allowed_formats=config.allowed_formats,
         flatten_alpha_above_pixels=config.flatten_alpha_above_pixels,
+        blocklist=image_rules,
         image_size=config.image_size,
         resize_mode=config.resize_mode,
         resize_only_if_bigger=config.resize_only_if_bigger,
@@ -493,17 +557,45 @@ def _read_netlogs(netlog_dir: str) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema).unique(["shard", "url"], keep="last", maintain_order=True)
 
 
-def build_downloads_table(pairs: pa.Table, shards_dir: str, netlog_dir: str,
-                          number_sample_per_shard: int) -> pa.Table:
-    """One `downloads` row per input pair, in input order, from img2dataset's shard parquets + hop logs."""
+def _read_md5s(netlog_dir: str) -> pl.DataFrame:
+    md5_by_sha256: dict[str, str] = {}
+    for name in sorted(os.listdir(netlog_dir)):
+        if name.endswith(MD5_LOG_SUFFIX):
+            with open(os.path.join(netlog_dir, name), encoding="utf-8") as f:
+                md5_by_sha256.update(json.load(f))
+    return pl.DataFrame({"sha256": list(md5_by_sha256), R.MD5: list(md5_by_sha256.values())},
+                        schema={"sha256": pl.String, R.MD5: pl.String})
+
+
+def build_downloads_table(pairs: pa.Table, shards_dir: str, netlog_dir: str, number_sample_per_shard: int,
+                          refused: list[str | None] | None = None) -> pa.Table:
+    """One `downloads` row per input pair, in input order, from img2dataset's shard parquets + hop and md5 logs.
+
+    `refused` names, per pair, the takedown list that kept it from img2dataset (None: handed over); img2dataset
+    numbered only the pairs handed over, so keys count those alone, and a refused pair gets no shard or key."""
     n = number_sample_per_shard
     oom = math.ceil(math.log10(n))
+    refused = [None] * pairs.num_rows if refused is None else refused
+    if len(refused) != pairs.num_rows:
+        raise ValueError(f"refused has {len(refused)} entries for {pairs.num_rows} pairs")
+    shards: list[str | None] = []
+    keys: list[str | None] = []
+    i = 0  # the pair's position in what img2dataset got
+    for listed in refused:
+        if listed is None:
+            shards.append(f"{i // n:0{OOM_SHARD_COUNT}d}")
+            keys.append(compute_key(i % n, i // n, oom, OOM_SHARD_COUNT))
+            i += 1
+        else:
+            shards.append(None)
+            keys.append(None)
     expected = pl.DataFrame({
         R.UID: pairs.column(R.UID).to_pylist(),
         "_url": [_request_url(u) for u in pairs.column(R.URL).to_pylist()],
-        R.SHARD: [f"{i // n:0{OOM_SHARD_COUNT}d}" for i in range(pairs.num_rows)],
-        R.KEY: [compute_key(i % n, i // n, oom, OOM_SHARD_COUNT) for i in range(pairs.num_rows)],
-    }, schema={R.UID: pl.Int64, "_url": pl.String, R.SHARD: pl.String, R.KEY: pl.String})
+        R.SHARD: shards,
+        R.KEY: keys,
+        "_refused": refused,
+    }, schema={R.UID: pl.Int64, "_url": pl.String, R.SHARD: pl.String, R.KEY: pl.String, "_refused": pl.String})
 
     fs, root = filesystem(shards_dir)
     cols = ["key", "status", "error_message", "width", "height", "original_width", "original_height",
@@ -517,17 +609,21 @@ def build_downloads_table(pairs: pa.Table, shards_dir: str, netlog_dir: str,
     hops = _read_netlogs(netlog_dir).rename({"url": "_url", "shard": R.SHARD})
 
     i2d_status = pl.col("_i2d_status")
-    status = (pl.when(i2d_status.is_null()).then(pl.lit(R.STATUS_FAILED_DOWNLOAD))
+    status = (pl.when(pl.col(R.REASON).str.starts_with(R.REASON_TAKEDOWN_PREFIX)).then(pl.lit(R.STATUS_BLOCKED))
+              .when(i2d_status.is_null()).then(pl.lit(R.STATUS_FAILED_DOWNLOAD))
               .when(i2d_status == "success").then(pl.lit(R.STATUS_SUCCESS))
               .when(i2d_status == "failed_to_resize").then(pl.lit(R.STATUS_FAILED_RESIZE))
               .when(pl.col(R.REASON).is_in(R.BLOCKED_REASONS)).then(pl.lit(R.STATUS_BLOCKED))
               .otherwise(pl.lit(R.STATUS_FAILED_DOWNLOAD)))
     out = (expected.join(i2d, left_on=R.KEY, right_on="key", how="left", maintain_order="left")
            .join(hops, on=[R.SHARD, "_url"], how="left", maintain_order="left")
+           .join(_read_md5s(netlog_dir), on="sha256", how="left", maintain_order="left")
            .select(
                pl.col(R.UID),
                pl.col("status").alias("_i2d_status"),
-               pl.when(pl.col("status").is_null()).then(pl.lit(NO_RESULT))
+               pl.when(pl.col("_refused").is_not_null())
+                 .then(pl.lit(R.REASON_TAKEDOWN_PREFIX) + pl.col("_refused") + pl.lit(f": {PAIR_TAKEDOWN_ERROR}"))
+                 .when(pl.col("status").is_null()).then(pl.lit(NO_RESULT))
                  .when(pl.col("status") == "success").then(pl.lit(None, pl.String))
                  .otherwise(pl.col("error_message")).alias(R.ERROR),
                pl.col("http_status").alias(R.HTTP_STATUS),
@@ -537,6 +633,7 @@ def build_downloads_table(pairs: pa.Table, shards_dir: str, netlog_dir: str,
                pl.col("width").alias(R.WIDTH),
                pl.col("height").alias(R.HEIGHT),
                pl.col("sha256").alias(R.SHA256),
+               pl.col(R.MD5),
                pl.col(R.SHARD),
                pl.col(R.KEY),
            ))
@@ -561,17 +658,23 @@ def _replace_dir(new: str, final: str) -> None:
         fs.mv(new_p, final_p, recursive=True)
 
 
-def download_images(pairs: pa.Table | str, out_dir: str, config: DownloadConfig,
-                    policy: NetPolicy) -> DownloadResult:
+def download_images(pairs: pa.Table | str, out_dir: str, config: DownloadConfig, policy: NetPolicy,
+                    blocklist: CrawlBlocklist | None = None) -> DownloadResult:
     """Download, check and resize the images of `pairs` (uid, url, text) into `<out_dir>/shards`.
 
     Runs img2dataset (webdataset output, multiprocessing distributor) into a staging folder inside
     `out_dir`, builds the `downloads` table (one row per input pair, failures included, see
     DOWNLOADS_SCHEMA), then swaps the staging shards in, so a rerun replaces the previous shards
     exactly. The table is returned, not written: the caller owns `downloads.parquet`.
+    With a `blocklist`, refused pairs are never fetched and listed images never stored (module docstring).
     """
     started = time.perf_counter()
     table = _load_pairs(pairs)
+    refused: list[str | None] = [None] * table.num_rows
+    if blocklist is not None and not blocklist.empty:
+        refused = [blocklist.refuse_pair(uid, url, text) for uid, url, text in
+                   zip(*(table.column(c).to_pylist() for c in (R.UID, R.URL, R.TEXT)), strict=True)]
+    fetched = table.filter(pa.array([r is None for r in refused], pa.bool_())) if any(refused) else table
     fs, out_p = filesystem(out_dir)
     fs.makedirs(out_p, exist_ok=True)
     for stale in fs.glob(f"{out_p}/.staging-*") + fs.glob(f"{out_p}/{SHARDS_DIR}.old-*"):
@@ -582,19 +685,19 @@ def download_images(pairs: pa.Table | str, out_dir: str, config: DownloadConfig,
     try:
         with tempfile.TemporaryDirectory(prefix="curation-download-") as work:
             input_path = os.path.join(work, "pairs.parquet")
-            pq.write_table(table, input_path)
+            pq.write_table(fetched, input_path)
             netlog_dir = os.path.join(work, "netlog")
             os.makedirs(netlog_dir)
-            if table.num_rows:
+            if fetched.num_rows:
                 os.makedirs(os.path.join(work, "reader"))
                 reader = Reader(input_path, "parquet", R.URL, R.TEXT, None, None, [R.UID],
                                 config.number_sample_per_shard, set(), os.path.join(work, "reader"), 0)
                 downloader = _build_downloader(config, policy, reader.column_list, staging_shards,
-                                               netlog_dir)
+                                               netlog_dir, blocklist)
                 multiprocessing_distributor(config.processes, downloader, reader, None,
                                             config.max_shard_retry)
             downloads = build_downloads_table(table, staging_shards, netlog_dir,
-                                              config.number_sample_per_shard)
+                                              config.number_sample_per_shard, refused)
         _replace_dir(staging_shards, join(out_dir, SHARDS_DIR))
     finally:
         if fs.exists(filesystem(staging)[1]):

@@ -29,6 +29,7 @@ ORIGINAL_HEIGHT = "original_height"
 WIDTH = "width"
 HEIGHT = "height"
 SHA256 = "sha256"
+MD5 = "md5"  # of the downloaded original bytes, as sha256 (takedown hash lists often use md5)
 SHARD = "shard"
 KEY = "key"
 REASON = "reason"
@@ -44,6 +45,11 @@ REASON_X_ROBOTS_TAG = "x_robots_tag"
 REASON_ROBOTS_TXT = "robots_txt"
 REASON_TDM_RESERVATION = "tdm_reservation"
 BLOCKED_REASONS = (REASON_SSRF_BLOCKED, REASON_X_ROBOTS_TAG, REASON_ROBOTS_TXT, REASON_TDM_RESERVATION)
+# Takedowns (curation.blocklist, curation.takedowns): a row blocked before its fetch, or an image refused on its
+# hash, is `blocked` with reason `takedown:<list>`; a row already in the lake when a list matched it becomes
+# `taken_down` (downloads and clip), its URL, caption, scores, embedding and image bytes removed.
+REASON_TAKEDOWN_PREFIX = "takedown:"
+STATUS_TAKEN_DOWN = "taken_down"
 
 # Extraction drop reasons, counted per WAT file (LAION rules plus our input-integrity reasons).
 DROP_NOT_IMAGE_LINK = "not_img_src"
@@ -67,6 +73,7 @@ DROP_BLOCKED_URL = "blocked_url_substring"  # a configured blocked substring oth
 JSON_TOO_DEEP = "json_too_deep"  # JSON nested deeper than the interpreter's recursion limit
 RECORD_TOO_LARGE = "record_too_large"  # a gzip member inflating to (or spanning) more than the configured cap
 DROP_EMPTY_SRC = "empty_src"  # `<img src="">` (or blank): it would resolve to the page itself
+DROP_TAKEDOWN = "takedown"  # a pair a takedown list blocks (URL, host, uid or caption rule): never stored
 
 # clip (one row per pair; `reason` is null for kept pairs)
 SIMILARITY = "similarity"

@@ -250,9 +250,9 @@ def score_partition(lake_root: str, part: Partition, config: ScoringConfig) -> S
 def verify_clip_partition(lake_root: str, part: Partition) -> list[str]:
     """Re-read a written `clip` partition and list what is inconsistent (empty when sound).
 
-    Checks: the table's ok rows and ``uids.npy`` name the same uids in the same order; both embedding
-    files have one L2-normalised row per uid; every ok row has a similarity and a tag, and a score for
-    every head the table says was used; no other row has any.
+    Checks: the table's ok rows and ``uids.npy`` name the same uids in the same order (besides rows a takedown
+    emptied, whose embeddings are zero); both embedding files have one L2-normalised row per other uid; every
+    ok row has a similarity and a tag, and a score for every head the table says was used; no other row has any.
     """
     lake = Lake(lake_root)
     problems: list[str] = []
@@ -260,14 +260,21 @@ def verify_clip_partition(lake_root: str, part: Partition) -> list[str]:
     emb_dir = lake.embeddings_dir(part)
     uids = read_npy(join(emb_dir, UIDS_FILE))
     status = table.column(R.STATUS).to_pylist()
-    ok_uids = [u for u, s in zip(table.column(R.UID).to_pylist(), status, strict=True) if s == R.STATUS_OK]
-    if ok_uids != uids.tolist():
+    all_uids = table.column(R.UID).to_pylist()
+    ok_uids = [u for u, s in zip(all_uids, status, strict=True) if s == R.STATUS_OK]
+    gone = {u for u, s in zip(all_uids, status, strict=True) if s == R.STATUS_TAKEN_DOWN}
+    zeroed = np.isin(uids, np.fromiter(gone, np.int64, len(gone))) if gone else np.zeros(len(uids), bool)
+    if ok_uids != uids[~zeroed].tolist():
         problems.append(f"uids.npy ({len(uids)}) differs from the table's {len(ok_uids)} ok rows")
     for name in (IMG_EMB_FILE, TEXT_EMB_FILE):
         emb = read_npy(join(emb_dir, name)).astype(np.float32)
         if emb.shape[0] != len(uids):
             problems.append(f"{name} has {emb.shape[0]} rows for {len(uids)} uids")
-        elif len(emb):
+            continue
+        if np.any(emb[zeroed]):
+            problems.append(f"{name} still holds embeddings of taken-down rows")
+        emb = emb[~zeroed]
+        if len(emb):
             norms = np.linalg.norm(emb, axis=1)
             if np.abs(norms - 1).max() > 1e-2:
                 problems.append(f"{name} rows are not L2-normalised (norms {norms.min():.3f}..{norms.max():.3f})")

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from curation import crawls as cc
 from curation import io, plots
 from curation import records as R
+from curation.blocklist import crawl_blocklist
 from curation.dedupe import DedupeConfig, DedupeResult, dedupe_lake, verify_dedupe
 from curation.download import DownloadConfig, download_images, verify_shards
 from curation.gallery import gallery_png, read_sample_image
@@ -66,7 +67,8 @@ def materialize_pairs(lake_root: str, crawl_root: str, part: Partition) -> Stage
     earlier = io.read_int_column(io.finished_tables(lake.stage_dir("pairs"), STAGE_TABLES["pairs"],
                                                     exclude_dir=out_dir), R.UID)
     started = time.perf_counter()
-    result = extract_pairs(wats, crawl=part.crawl, segment=part.segment, config=ExtractConfig(), exclude_uids=earlier)
+    result = extract_pairs(wats, crawl=part.crawl, segment=part.segment, config=ExtractConfig(), exclude_uids=earlier,
+                           blocklist=crawl_blocklist(lake_root))
     seconds = max(time.perf_counter() - started, 1e-9)
     io.clear_partition(out_dir)
     table_path = lake.table("pairs", part)
@@ -102,12 +104,14 @@ def materialize_downloads(lake_root: str, part: Partition, options: Mapping[str,
     out_dir = lake.partition_dir("downloads", part)
     io.require_finished(lake.partition_dir("pairs", part), f"pairs of {part.key}")
     io.remove(lake.marker("downloads", part))  # not complete until the marker is rewritten
-    result = download_images(lake.table("pairs", part), out_dir, config, policy)
+    result = download_images(lake.table("pairs", part), out_dir, config, policy, blocklist=crawl_blocklist(lake_root))
     table_path = lake.table("downloads", part)
     io.write_parquet(result.table, table_path)
     problems = verify_shards(result.table, lake.shards_dir(part))
+    takedown = sum(n for reason, n in result.counts_by_reason.items() if reason.startswith(R.REASON_TAKEDOWN_PREFIX))
     io.write_marker(out_dir, {"rows": result.table.num_rows, "by_status": result.counts_by_status,
-                              "by_reason": result.counts_by_reason, "success_rate": result.success_rate})
+                              "by_reason": result.counts_by_reason, "success_rate": result.success_rate,
+                              "blocked_by_takedown": takedown})
     lo, hi = SUCCESS_RATE_BAND
     return StageReport(
         metadata={
@@ -118,6 +122,7 @@ def materialize_downloads(lake_root: str, part: Partition, options: Mapping[str,
             "duration_s": ("float", round(result.duration_s, 1)),
             "by_status": ("md", counts_markdown(result.counts_by_status, "status")),
             "by_reason": ("md", counts_markdown(result.counts_by_reason, "reason")),
+            "blocked_by_takedown": ("int", takedown),
             "shards": ("path", lake.shards_dir(part)),
         },
         checks=[
@@ -355,3 +360,50 @@ def _release_gallery(lake_root: str, rows: pa.Table) -> str:
     if not tiles:
         return "empty release"
     return plots.markdown_image(gallery_png([tiles], title="first samples (aesthetic, original width)"), "samples")
+
+
+def materialize_takedowns(lake_root: str, registry: str | None = None) -> StageReport:
+    """Ingest the takedown inbox, match every list against the lake, propagate the removals (curation.takedowns) and
+    verify that no taken-down sample remains anywhere (`takedowns_propagated`); an inbox file that is not a valid
+    list fails `inbox_lists_valid` (it is moved aside with the reason; the valid ones still propagate)."""
+    from curation import takedowns as T
+    from curation.blocklist import ListError
+
+    refused = ""
+    try:
+        ingested = T.ingest_inbox(lake_root)
+    except ListError as exc:
+        ingested, refused = [], str(exc)
+    matched = T.match_lake(lake_root)
+    result = T.propagate(lake_root, registry)
+    problems = T.verify_takedowns(lake_root)
+    audit = T.report(lake_root)
+    rows = ["| list | reason | entries | rows taken down | by kind | ingest to propagated |",
+            "|---|---|---:|---:|---|---:|"]
+    rows += [f"| {x['list']} | {x['reason']} | {x['entries']} | {x['rows']} | {x['rows_by_kind']} | "
+             f"{x['ingest_to_propagated_s']} s |" for x in audit["lists"]]
+    s = result.scrub
+    return StageReport(
+        metadata={
+            "dagster/row_count": ("int", result.taken_down),
+            "lists": ("int", len(audit["lists"])),
+            "ingested_now": ("json", [i.record.name for i in ingested if i.new]),
+            "newly_matched": ("int", matched.new.num_rows),
+            "by_list": ("md", "\n".join(rows)),
+            "rows_emptied": ("json", dict(s.rows)),
+            "partitions_scrubbed": ("json", s.partitions),
+            "shard_members_removed": ("int", s.shard_members),
+            "embedding_rows_zeroed": ("int", s.embedding_rows),
+            "index_generation": ("int", result.index_generation if result.index_generation is not None else -1),
+            "index_removed": ("int", result.index_removed),
+            "subset_releases": ("json", result.subsets),
+            "release_rows_scrubbed": ("int", s.release_rows),
+            "release_shard_members_removed": ("int", s.release_shard_members),
+            "duration_s": ("float", round(result.seconds + matched.seconds, 2)),
+            "propagation_steps_s": ("json", result.timings),
+        },
+        checks=[problems_check("takedowns_propagated", problems, taken_down=("int", result.taken_down)),
+                CheckOutcome("inbox_lists_valid", not refused, {"refused": ("text", refused or "none")})],
+        log=f"{result.taken_down} rows taken down ({matched.new.num_rows} new); emptied {dict(s.rows)}, "
+            f"{s.shard_members} shard members, index -{result.index_removed}, releases {result.subsets}",
+    )

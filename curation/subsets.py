@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from curation import io
 from curation import records as R
+from curation.blocklist import takedown_reason, taken_down_lists
 from curation.layout import Lake, Partition, join
 from curation.saved_queries import QueryMatches, SavedQuery, match_query
 from curation.sql import KEPT_VIEW, connect_kept
@@ -486,7 +487,7 @@ def export_subset(lake_root: str, defn: SubsetDefinition, overrides: Mapping[str
     base = join(subset_dir(lake_root, defn.name), rel_path)
     io.remove(base)  # a half-written release from an interrupted run
     prev_table = read_release(lake_root, defn.name, previous) if previous else None
-    diff = _diff(con, defn, params, rows, prev_table, previous)
+    diff = _diff(con, defn, params, rows, prev_table, previous, lake_root)
     drift = _drift(rows, prev_table)
     parts = _write_parts(rows, base, defn.parts)
     shards = _write_shards(lake_root, rows, base, defn.shard_size) if defn.webdataset else []
@@ -523,12 +524,14 @@ def _counts(con: duckdb.DuckDBPyConnection, defn: SubsetDefinition, params: Mapp
 
 
 def _diff(con: duckdb.DuckDBPyConnection, defn: SubsetDefinition, params: Mapping[str, Any], rows: pa.Table,
-          prev: pa.Table | None, previous: dict[str, Any] | None) -> dict[str, Any]:
+          prev: pa.Table | None, previous: dict[str, Any] | None, lake_root: str) -> dict[str, Any]:
     now = rows.column("uid").to_numpy()
     before = prev.column("uid").to_numpy() if prev is not None else np.zeros(0, np.int64)
     added = np.setdiff1d(now, before)
     removed = np.setdiff1d(before, now)
     reasons = explain_missing(con, defn, params, removed.tolist())
+    for uid, name in taken_down_lists(lake_root, removed.tolist()).items():
+        reasons[uid] = takedown_reason(name)  # removed by a takedown list, whatever the tables say now
     prev_parts = set()
     if prev is not None:
         prev_parts = {f"{c}|{s}" for c, s in zip(prev.column("crawl").to_pylist(), prev.column("segment").to_pylist(),

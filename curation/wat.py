@@ -33,6 +33,7 @@ import pyarrow as pa
 import pycld2
 
 from curation import records as R
+from curation.blocklist import CrawlBlocklist
 
 # Compressed bytes fetched per read from the (possibly remote) file.
 _READ_SIZE = 4 << 20
@@ -162,7 +163,7 @@ INPUT_REASONS = (
 DROP_REASONS = (
     R.DROP_NOT_IMAGE_LINK, R.DROP_DATA_URI, R.DROP_JAVASCRIPT, R.DROP_SCHEME, R.DROP_SVG, R.DROP_GIF,
     R.DROP_BLOCKED_URL, R.DROP_URL_TOO_LONG, R.DROP_BAD_HOST, R.DROP_SHORT_ALT, R.DROP_DUPLICATE,
-    R.DROP_SEEN_BEFORE, R.DROP_EMPTY_SRC,
+    R.DROP_SEEN_BEFORE, R.DROP_EMPTY_SRC, R.DROP_TAKEDOWN,
 )
 TOTALS = ("records", "pages", "image_links", "kept")
 
@@ -800,19 +801,21 @@ def extract_pairs(
     segment: str,
     config: ExtractConfig = ExtractConfig(),  # frozen, so one shared default is safe
     exclude_uids: Collection[int] | None = None,
+    blocklist: CrawlBlocklist | None = None,
 ) -> ExtractResult:
     """Extract LAION-style image-text pairs from WAT files, in file order.
 
     Pairs are deduplicated on (url, text) across all files of the call (the first occurrence wins) and
     against `exclude_uids`, the uids already materialised by earlier partitions (a set is used as is;
-    any other collection is copied into one). Returns the `records.PAIRS_COLUMNS` table and counts by
+    any other collection is copied into one). A pair the takedown `blocklist` refuses (its uid, URL, host or a
+    caption rule) is not stored, counted under `takedown`. Returns the `records.PAIRS_COLUMNS` table and counts by
     reason, in total and per file: "records" (WARC records read), "pages" (responses with links),
     "image_links" (`IMG@/src` entries), "kept", and every reason of INPUT_REASONS and DROP_REASONS.
     Hostile input never raises: every record that cannot be used is counted under one reason, and the
     pairs around it are kept. Raises `WatReadError` for a file that cannot be read at all.
     """
     excluded = exclude_uids if isinstance(exclude_uids, set | frozenset) else set(exclude_uids or ())
-    extraction = _Extraction(config, excluded)
+    extraction = _Extraction(config, excluded, None if blocklist is None or blocklist.empty else blocklist)
     per_file: dict[str, dict[str, int]] = {}
     bytes_read = 0
     for wat_path in wat_paths:
@@ -860,9 +863,11 @@ def _record_page(payload: bytes, counts: dict[str, int]) -> _Page | None:
 class _Extraction:
     """The state of one `extract_pairs` call: the kept pairs' columns and every (url, text) seen so far."""
 
-    def __init__(self, config: ExtractConfig, excluded: Collection[int]) -> None:
+    def __init__(self, config: ExtractConfig, excluded: Collection[int], blocklist: CrawlBlocklist | None = None
+                 ) -> None:
         self.config = config
         self.excluded = excluded
+        self.refuse = blocklist.refuse_pair if blocklist is not None else None
         self.seen: set[tuple[str, str]] = set()
         self.cols: dict[str, list[Any]] = {name: [] for name in R.PAIRS_COLUMNS}
 
@@ -887,7 +892,7 @@ class _Extraction:
         counts["image_links"] += len(page.images)
         # The loop below runs once per <img>, the hottest code of extraction: its state lives in locals and
         # its rules stay inline, since a function call per link would cost more than most of the rules.
-        config, seen, excluded, cols = self.config, self.seen, self.excluded, self.cols
+        config, seen, excluded, cols, refuse = self.config, self.seen, self.excluded, self.cols, self.refuse
         uids, urls, texts, pages = cols[R.UID], cols[R.URL], cols[R.TEXT], cols[R.PAGE_URL]
         files, offsets, dates = cols[R.WAT_FILE], cols[R.WAT_RECORD], cols[R.WARC_DATE]
         page_url, base = page.url, page.base
@@ -914,6 +919,9 @@ class _Extraction:
             uid = laion_uid(url, text)
             if uid in excluded:
                 counts[R.DROP_SEEN_BEFORE] += 1
+                continue
+            if refuse is not None and refuse(uid, url, text) is not None:
+                counts[R.DROP_TAKEDOWN] += 1
                 continue
             uids.append(uid)
             urls.append(url)

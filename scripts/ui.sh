@@ -10,6 +10,9 @@ ensure_sample_models
 start_sample_server
 mkdir -p "$DAGSTER_HOME"
 [ -f "$DAGSTER_HOME/dagster.yaml" ] || printf 'telemetry:\n  enabled: false\n' > "$DAGSTER_HOME/dagster.yaml"
+# One global lake writer at a time (assets.conventions.LAKE_WRITER_POOL), also in a home an older demo made.
+grep -q '^concurrency:' "$DAGSTER_HOME/dagster.yaml" \
+  || printf 'concurrency:\n  pools:\n    default_limit: 1\n' >> "$DAGSTER_HOME/dagster.yaml"
 export CURATION_LAKE="$LAKE" CURATION_CRAWL_ROOT="$(pwd)/$SAMPLE" CURATION_ALLOW_LOOPBACK=1
 EXPLORER="http://127.0.0.1:${SERVE_PORT:-1234}/"
 if [ -f "$LAKE/index/image/manifest.json" ]; then
