@@ -611,8 +611,8 @@ def _result_table(pairs: pa.Table, config: ClipPassConfig, downloads: pa.Table, 
     phash_of = dict(zip(uids.tolist(), phashes.view(np.int64).tolist(), strict=True))
     download_status = dict(zip(downloads.column(R.UID).to_pylist(), downloads.column(R.STATUS).to_pylist(),
                               strict=True))
-    download_reason = dict(zip(downloads.column(R.UID).to_pylist(), downloads.column(R.REASON).to_pylist(),
-                              strict=True))
+    download_reason = (dict(zip(downloads.column(R.UID).to_pylist(), downloads.column(R.REASON).to_pylist(),
+                               strict=True)) if R.REASON in downloads.column_names else {})
     out: dict[str, list[Any]] = {name: [] for name in CLIP_SCHEMA.names}
     for uid, language in zip(pairs.column(R.UID).to_pylist(), pairs.column(R.LANGUAGE).to_pylist(), strict=True):
         threshold = config.threshold_for(language)

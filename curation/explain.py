@@ -1,4 +1,10 @@
-"""Provenance of one sample: why it is in the curated set, or at which stage and for what reason it was dropped."""
+"""Provenance of one sample: why it is in the curated set, or at which stage and for what reason it was dropped.
+
+A sample a takedown list took down (curation.blocklist's taken_down.parquet, by uid, or by URL through the sha256
+of its URL) is explained as that alone: its uid (or the URL's sha256), `status: taken_down`, the list and when,
+from the moment the list is ingested, before the propagation nulls its URL and caption in the lake. A survivor
+that was taken down is not named by URL or caption in the dedupe section of its duplicates either.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +16,12 @@ from typing import Any
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import io
 from curation import records as R
+from curation.blocklist import LIST, MATCHED_UNIX, URL_SHA256, taken_down, taken_down_lists, url_sha256
 from curation.index import MODALITIES, Manifest, index_dir
 from curation.layout import STAGE_TABLES, Lake, Partition, join
 from curation.phash import to_hex
@@ -65,6 +73,8 @@ def explain(lake_root: str, sample: int | str, registry: str | None = None) -> d
     `explain_all` for all of them in full). Raises NotInLake when nothing matches, FileNotFoundError without a lake.
     """
     found = explain_all(lake_root, sample, registry)
+    if found[0].get(R.STATUS) == R.STATUS_TAKEN_DOWN:
+        return found[0]
     head = dict(found[0])
     head["matches"] = [{k: e[k] for k in ("uid", "crawl", "segment", "kept", "dropped_at", "reason")}
                        for e in found]
@@ -74,9 +84,13 @@ def explain(lake_root: str, sample: int | str, registry: str | None = None) -> d
 def explain_all(lake_root: str, sample: int | str, registry: str | None = None) -> list[dict[str, Any]]:
     """The explanation (see `explain`, without `matches`) of every (uid, partition) the uid or URL matches, the one
     that got furthest first. A URL the extraction rules refuse (svg, gif, data: …) gets one explanation dropped at
-    `pairs`, since no page could have given it to the lake."""
+    `pairs`, since no page could have given it to the lake. A taken-down uid or URL gets one explanation that says
+    only that (`taken_down_record`)."""
     if not io.exists(lake_root):
         raise FileNotFoundError(f"no lake at {lake_root} (the folder does not exist)")
+    gone = taken_down_record(lake_root, sample)
+    if gone is not None:
+        return [gone]
     con, views = connect(lake_root)
     if "pairs" not in views:
         raise FileNotFoundError(f"the lake at {lake_root} has no finished pairs partitions yet")
@@ -88,6 +102,28 @@ def explain_all(lake_root: str, sample: int | str, registry: str | None = None) 
         raise NotInLake(_not_found_message(lake_root, sample))
     out = [_explain_pair(lake_root, con, pair, subsets) for pair in pairs]
     return sorted(out, key=lambda e: -_progress(e))  # stable: equals stay in (crawl, segment, uid) order
+
+
+def taken_down_record(lake_root: str, sample: int | str) -> dict[str, Any] | None:
+    """When a takedown list took the uid (or the URL: any row with that URL, as extraction spells it too) down:
+    `{uid, uid_str | url_sha256, status: taken_down, list, taken_down_unix}`, the earliest match, nothing else about
+    the sample. None otherwise."""
+    if isinstance(sample, bool) or not isinstance(sample, int | str):
+        return None  # _find_pairs refuses it
+    table = taken_down(lake_root)
+    if table.num_rows == 0:
+        return None
+    if isinstance(sample, int):
+        key: dict[str, Any] = {"uid": _int64(sample), "uid_str": str(sample)}
+        hit = table.filter(pc.equal(table.column(R.UID), pa.scalar(sample, pa.int64())))
+    else:
+        digests = sorted({url_sha256(u) for u in (sample, _extracted_url(sample)) if u})
+        hit = table.filter(pc.is_in(table.column(URL_SHA256), value_set=pa.array(digests, pa.string())))
+        key = {URL_SHA256: hit.column(URL_SHA256)[0].as_py()} if hit.num_rows else {}
+    if hit.num_rows == 0:
+        return None
+    first = hit.sort_by([(MATCHED_UNIX, "ascending")]).slice(0, 1).to_pylist()[0]
+    return {**key, R.STATUS: R.STATUS_TAKEN_DOWN, LIST: first[LIST], "taken_down_unix": first[MATCHED_UNIX]}
 
 
 def parse_sample(text: str) -> int | str:
@@ -163,7 +199,7 @@ def _explain_pair(lake_root: str, con_all: duckdb.DuckDBPyConnection, pair: dict
         "download": _without(download, (R.UID, R.CRAWL, R.SEGMENT)),
         "clip": _clip_section(clip),
         "safety": {k: clip.get(k) for k in SAFETY_COLUMNS} if scored and clip is not None else None,
-        "dedupe": _dedupe_section(con_all, dedupe) if dedupe is not None else None,
+        "dedupe": _dedupe_section(lake_root, con_all, dedupe) if dedupe is not None else None,
         "index": _index_section(lake_root, part, uid) if dedupe is not None else None,
         "subsets": _subsets(lake_root, (part, uid), subsets, clip_kept=bool(clip and clip.get(R.KEEP))),
     }
@@ -205,12 +241,18 @@ def _clip_section(clip: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
-def _dedupe_section(con_all: duckdb.DuckDBPyConnection, dedupe: dict[str, Any]) -> dict[str, Any]:
-    """The dedupe row, plus where its cluster's survivor (`cluster_id` is its uid) lives and its URL."""
+def _dedupe_section(lake_root: str, con_all: duckdb.DuckDBPyConnection, dedupe: dict[str, Any]) -> dict[str, Any]:
+    """The dedupe row, plus where its cluster's survivor (`cluster_id` is its uid) lives and its URL, or, for a
+    survivor a takedown list took down, only the list (`survivor_taken_down`)."""
     out = _without(dedupe, (R.UID, R.CRAWL, R.SEGMENT)) or {}
     survivor = dedupe.get(R.CLUSTER_ID)
     out["survivor_uid"] = survivor
-    if survivor is not None and not dedupe.get(R.SURVIVOR):
+    if survivor is None or dedupe.get(R.SURVIVOR):
+        return out
+    gone = taken_down_lists(lake_root, [int(survivor)])
+    if gone:
+        out["survivor_taken_down"] = gone[int(survivor)]
+    else:
         rows = con_all.execute(
             "SELECT d.crawl, d.segment, p.url, p.text FROM dedupe d JOIN pairs p USING (uid, crawl, segment) "
             "WHERE d.uid = $uid AND d.survivor ORDER BY d.crawl, d.segment", {"uid": int(survivor)}).fetchall()

@@ -6,7 +6,8 @@ with img2dataset's `url` and `caption` columns (`img2dataset --input_format parq
 caption`, or `--input_format json` for the JSON array) and beside them the uid, both similarities and the scores,
 which img2dataset carries into its output with `--save_additional_columns`. `similarity` is the image-caption cosine
 as in LAION's parquet and our subset releases; the query's score is `query_similarity`. The columns are fixed, so
-an empty result set is still a readable file with the same schema.
+an empty result set is still a readable file with the same schema. No export holds a taken-down uid: the service's
+search never returns one (curation.search).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ checkpoint identity are recorded beside it), so re-evaluating it needs no text o
 vector every time; an index rebuilt from another model refuses it rather than comparing vectors of two spaces.
 
 `match_query` is exact, not an ANN search: the generation's metadata store gives the rows that pass the filters (the
-mask the service turns into its faiss selector) and a chunked scan takes the inner product of the query with each
+mask the service turns into its faiss selector, which leaves out every uid a takedown list took down, from the moment
+the list is ingested: curation.search) and a chunked scan takes the inner product of the query with each
 passing row's stored embedding (the unit vectors the index was built from, so the cosine the service reports).
 `min_similarity` keeps every passing row at or above the floor, however many; `top_k` the k best, ties broken by uid.
 The scan reads each passing row's float16 embedding once, memory-mapped in chunks (measured: ~0.5 M rows/s of d=512
@@ -166,8 +167,9 @@ class QueryMatches:
 
 
 def match_query(lake_root: str, query: SavedQuery, chunk_rows: int = SCAN_ROWS) -> QueryMatches:
-    """Every row of the lake's committed `query.modality` generation that passes the filters and is at or above the
-    floor (or among the top k). Raises ValueError when the index now holds another model's embeddings."""
+    """Every row of the lake's committed `query.modality` generation that passes the filters, was not taken down and
+    is at or above the floor (or among the top k). Raises ValueError when the index now holds another model's
+    embeddings."""
     from curation.search import Generation
 
     generation = Generation.load(lake_root, query.modality)

@@ -11,6 +11,15 @@ clip-retrieval's result post-processing, and every hit described from the genera
   clip-retrieval's safety switches) become a boolean mask over the store's rows and then a faiss `IDSelector`, so
   the index only ever returns rows that pass: every one of the k hits satisfies the filter. With a selective
   filter an IVF index probes proportionally more lists (up to all of them: exact over the passing rows).
+- Takedowns (curation.blocklist): a uid a takedown list matched is never returned, from the moment the list is
+  ingested (`<lake>/takedowns/taken_down.parquet`), not from the index rebuild that later leaves it out. Every search
+  stats that file (`BlockedUids.refresh`); while the generation holds none of its uids (the normal case,
+  and always after the rebuild) the search is unchanged. Otherwise an unfiltered search excludes them with
+  `IDSelectorNot(IDSelectorBatch(blocked here))` and a filtered one drops them from its mask, so k hits still come
+  back when k other rows pass; the selectors are cached per (filters, blocklist version), so an ingest replaces
+  them. `mask` leaves them out too, so saved searches (curation.saved_queries) never match them. Measured on a
+  10k x 512 flat index, one query on one core (~1.4 ms): the stat is ~25 us; the exclusion selector with 5 or 1,000
+  held uids was within the run-to-run noise (10 %) of the plain search.
 - `deduplicate` is clip-retrieval's: connected components of the results at image-embedding cosine >= 0.94, the
   best-ranked of each kept. `aesthetic_score`/`aesthetic_weight` shift the query by the mean embedding of the
   images at that rating, computed from this lake (clip-retrieval downloads LAION's).
@@ -33,6 +42,7 @@ from scipy.sparse.csgraph import connected_components
 
 from curation import io
 from curation import records as R
+from curation.blocklist import BlockedUids
 from curation.index import HNSW_QUANTIZER_MIN_LISTS, Manifest, index_dir, load_index
 from curation.layout import join
 from curation.metastore import AESTHETIC_RATINGS, HIT_COLUMNS, RANGE_COLUMNS, MetaStore
@@ -41,6 +51,7 @@ from curation.safety import PUNSAFE_FLAG, TAG_NSFW
 DEDUPE_COSINE = 0.94  # clip-retrieval's near-duplicate threshold for results
 MAX_K = 10_000
 _SELECTOR_CACHE = 32  # filter masks kept per generation (paging through one filtered search reuses its selector)
+_NONE = np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -131,18 +142,38 @@ def _strings(data: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
     return tuple(values)
 
 
+@dataclass(frozen=True)
+class TakenDown:
+    """The taken-down uids a generation still holds, at one version of the lake's blocklist: `uids` (ascending) and
+    their store `rows`. Empty in the normal case: the index rebuilt after an ingest leaves them out."""
+
+    version: int
+    uids: np.ndarray
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.uids)
+
+
 @dataclass
 class Generation:
-    """One committed index generation: faiss index, metadata store and aesthetic embeddings."""
+    """One committed index generation: faiss index, metadata store and aesthetic embeddings, and the lake's
+    blocklist, whose uids it never returns (see the module docstring)."""
 
     manifest: Manifest
     index: faiss.Index
     store: MetaStore
     aesthetic: np.ndarray
     lake_root: str
-    _selectors: OrderedDict[Filters, tuple[Any, int]] = field(default_factory=OrderedDict, repr=False)
+    _selectors: OrderedDict[tuple[Filters, int], tuple[Any, int]] = field(default_factory=OrderedDict, repr=False)
     _releases: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _blocked: BlockedUids = field(init=False, repr=False)
+    _taken_down: TakenDown = field(default_factory=lambda: TakenDown(-1, _NONE, _NONE), repr=False)
+    _blocked_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self._blocked = BlockedUids(self.lake_root)
 
     @classmethod
     def load(cls, lake_root: str, modality: str = "image") -> Generation:
@@ -166,10 +197,11 @@ class Generation:
         k = min(k, self.manifest.vectors)
         if k < 1:
             return [[] for _ in q]
-        if filters.empty:
+        blocked = self.taken_down()
+        if filters.empty and not len(blocked):  # the hot path: one stat more than before takedowns
             scores, uids = self.index.search(q, k)
         else:
-            selector, passing = self._selector(filters)
+            selector, passing = self._selector(filters, blocked)
             if passing == 0:
                 return [[] for _ in q]
             params = self._params(selector, passing)
@@ -184,8 +216,31 @@ class Generation:
             out.append([(int(r), float(s)) for r, s in zip(rows, srow[found], strict=True) if r >= 0])
         return out
 
+    def taken_down(self) -> TakenDown:
+        """The taken-down uids this generation holds, re-read when the lake's taken_down.parquet changed (one stat)."""
+        with self._blocked_lock:
+            uids = self._blocked.refresh()
+            if self._taken_down.version != self._blocked.version:
+                rows = self.store.positions(uids) if len(uids) else _NONE
+                held = rows >= 0
+                self._taken_down = TakenDown(self._blocked.version, uids[held], rows[held])
+            return self._taken_down
+
+    def taken_down_by(self, uid: int) -> str | None:
+        """The list that took `uid` down (whether or not this generation holds it), else None."""
+        with self._blocked_lock:
+            return self._blocked.list_of(uid)
+
+    def blocked_uids(self) -> int:
+        """How many uids the lake's takedown lists took down so far (held here or not)."""
+        with self._blocked_lock:
+            return len(self._blocked.refresh())
+
     def mask(self, filters: Filters) -> np.ndarray:
-        """The store rows that pass `filters`."""
+        """The store rows that pass `filters` and were not taken down."""
+        return self._mask(filters, self.taken_down())
+
+    def _mask(self, filters: Filters, blocked: TakenDown) -> np.ndarray:
         values: dict[str, Sequence[str]] = {}
         if filters.languages is not None:
             values[R.LANGUAGE] = filters.languages
@@ -198,17 +253,26 @@ class Generation:
             keep &= ~self.store.mask(values={R.NSFW_TAG: (TAG_NSFW,)})
         if filters.subset:
             keep &= np.isin(self.store.uids, self._release_uids(filters.subset), assume_unique=True)
+        keep[blocked.rows] = False
         return keep
 
-    def _selector(self, filters: Filters) -> tuple[Any, int]:
+    def _selector(self, filters: Filters, blocked: TakenDown) -> tuple[Any, int]:
+        """(faiss selector, rows it passes) for `filters` minus the taken-down rows, cached per blocklist version."""
+        key = (filters, blocked.version)
         with self._lock:
-            if filters in self._selectors:
-                self._selectors.move_to_end(filters)
-                return self._selectors[filters]
-        passing = self.store.uids[self.mask(filters)]
-        entry = (faiss.IDSelectorBatch(passing), len(passing))
+            if key in self._selectors:
+                self._selectors.move_to_end(key)
+                return self._selectors[key]
+        entry: tuple[Any, int]
+        if filters.empty:  # only takedowns to leave out: exclude those few rather than list every other row
+            entry = (faiss.IDSelectorNot(faiss.IDSelectorBatch(blocked.uids)), self.manifest.vectors - len(blocked))
+        else:
+            passing = self.store.uids[self._mask(filters, blocked)]
+            entry = (faiss.IDSelectorBatch(passing), len(passing))
         with self._lock:
-            self._selectors[filters] = entry
+            for stale in [k for k in self._selectors if k[1] != blocked.version]:
+                del self._selectors[stale]  # an ingest changed what every selector excludes
+            self._selectors[key] = entry
             while len(self._selectors) > _SELECTOR_CACHE:
                 self._selectors.popitem(last=False)
         return entry

@@ -18,9 +18,15 @@
   are size-limited and refused from their header when over the pixel limit (no decompression bomb is decoded);
   bound to loopback by default, and a bearer token is required on every endpoint but `/health` when configured
   (`curation serve` refuses another address without one); a per-client token-bucket rate limit; a bad request gets a
-  400 with a JSON reason (413 for a body over the limit, 404 for an unknown image), an internal fault a 500
-  without a traceback (that goes to the server's log).
+  400 with a JSON reason (413 for a body over the limit, 404 for an unknown image, 410 for a taken-down one), an
+  internal fault a 500 without a traceback (that goes to the server's log).
 - A new index generation is picked up without restart (curation.search.SearchEngine).
+- Takedowns: a uid a takedown list matched (curation.blocklist) is gone from every endpoint the moment the list is
+  ingested, before the index is rebuilt without it: no search, export or saved search returns it (curation.search),
+  `/metadata` gives it an empty object as for an unknown id, `/image/{uid}` answers 410 Gone naming the list
+  (no bytes, no URL), and `/explain/{uid}` says only that it was taken down, by which list and when. `/health` and
+  `/metrics` (`curation_taken_down_uids`, and `curation_taken_down_in_index_<modality>`: those still awaiting the
+  rebuild) count them.
 - Provenance: `GET /explain/{uid}` answers everything the lake knows about a sample, kept or dropped at any stage
   (curation.explain): 404 for a uid the lake does not hold.
 - Saved searches: `POST /subsets` ({name, description?, query: a /knn-service body, min_similarity | top_k}) encodes
@@ -76,6 +82,14 @@ WRITE_ENDPOINTS = ("save_subset",)  # routes that write into the lake: same-orig
 CAPTION_SIMILARITY = R.CAPTION_SIMILARITY  # the stored image-caption cosine, beside the query's `similarity`
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 _IMAGE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+
+
+class Gone(LookupError):
+    """A uid a takedown list took down: answered 410 Gone with the list, and nothing of the sample."""
+
+    def __init__(self, uid: int, list_name: str) -> None:
+        super().__init__(f"uid {uid} was taken down by the takedown list {list_name!r}")
+        self.uid, self.list_name = uid, list_name
 
 
 class BadRequest(ValueError):
@@ -215,6 +229,8 @@ class Service:
             out[f"curation_index_vectors_{modality}"] = gen.manifest.vectors
             out[f"curation_index_reloads_total_{modality}"] = engine.reloads
             out[f"curation_index_reload_errors_total_{modality}"] = engine.reload_errors
+            out[f"curation_taken_down_in_index_{modality}"] = len(gen.taken_down())
+        out["curation_taken_down_uids"] = self.engines["image"].current().blocked_uids()
         return out
 
     # ------------------------------------------------------------------------------------------------ queries
@@ -286,7 +302,8 @@ class Service:
             raise BadRequest(f"image could not be decoded: {type(exc).__name__}: {exc}") from None
 
     def metadata(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        """clip-retrieval's /metadata: each id's fields (an empty object for an id the index does not hold)."""
+        """clip-retrieval's /metadata: each id's fields (an empty object for an id the index does not hold, or that a
+        takedown list took down)."""
         self._check_index_name(body)
         ids = body.get("ids")
         if not isinstance(ids, list) or len(ids) > MAX_K:
@@ -294,6 +311,7 @@ class Service:
         uids = [_uid(i) for i in ids]
         generation = self.engines["image"].current()
         positions = generation.store.positions(uids)
+        positions[np.isin(positions, generation.taken_down().rows)] = -1
         found = generation.describe([int(p) for p in positions if p >= 0])
         by_uid = {int(f.pop(R.UID)): f for f in found}
         return [{"id": u, "metadata": _fields(u, by_uid[u]) if u in by_uid else {}} for u in uids]
@@ -345,8 +363,12 @@ class Service:
     # ------------------------------------------------------------------------------------------------- images
 
     def image(self, uid: int) -> tuple[bytes, str, str]:
-        """(bytes, content type, original URL) of an indexed uid's image, read from its shard in the lake."""
+        """(bytes, content type, original URL) of an indexed uid's image, read from its shard in the lake; 410 Gone
+        naming the list for a uid a takedown list took down."""
         generation = self.engines["image"].current()
+        taken_down_by = generation.taken_down_by(uid)
+        if taken_down_by is not None:
+            raise Gone(uid, taken_down_by)
         [position] = generation.store.positions([uid]).tolist()
         if position < 0:
             raise LookupError(f"uid {uid} is not in the index")
@@ -532,8 +554,10 @@ def build_app(config: ServiceConfig) -> Starlette:
 
 
 def _health(service: Service) -> dict[str, Any]:
-    gen = service.engines["image"].current().manifest
-    return {"status": "ok", "index": service.config.name, "generation": gen.generation, "vectors": gen.vectors}
+    generation = service.engines["image"].current()
+    gen = generation.manifest
+    return {"status": "ok", "index": service.config.name, "generation": gen.generation, "vectors": gen.vectors,
+            "taken_down": generation.blocked_uids()}
 
 
 def _endpoint(service: Service, name: str, work: Callable[[Any], Any], *, source: str | None = None
@@ -552,6 +576,8 @@ def _endpoint(service: Service, name: str, work: Callable[[Any], Any], *, source
                 response = result if isinstance(result, Response) else _json(result)
             except BadRequest as exc:
                 response = _json({"error": str(exc)}, exc.status)
+            except Gone as exc:
+                response = _json({"error": str(exc), "status": R.STATUS_TAKEN_DOWN, "list": exc.list_name}, 410)
             except ValueError as exc:  # the core's deliberate refusals of what the request asked for
                 response = _json({"error": str(exc)}, 400)
             except LookupError as exc:

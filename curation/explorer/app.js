@@ -344,13 +344,15 @@ async function explain(uid) {
 
 function provenance(record, uid) {
   const kept = record.kept === true;
-  const dropped = record.kept === false;
+  const gone = record.status === "taken_down"; // the service says only the list and when
+  const dropped = record.kept === false || gone;
   const verdict = element("section", `verdict ${kept ? "kept" : dropped ? "dropped" : "unknown"}`);
   const head = element("div", "verdict-head");
   const said = element("div");
-  said.append(element("h3", "", kept ? "Kept" : dropped
+  said.append(element("h3", "", kept ? "Kept" : gone ? "Taken down" : dropped
     ? `Dropped${record.dropped_at ? ` at ${record.dropped_at}` : ""}` : "No verdict"));
-  if (!kept && record.reason) said.append(element("p", "reason", record.reason));
+  if (gone) said.append(element("p", "reason", `by the takedown list ${record.list}`));
+  else if (!kept && record.reason) said.append(element("p", "reason", record.reason));
   const preview = element("img", "preview");
   preview.alt = "";
   thumbnail(uid).then((src) => { preview.src = src; }, () => preview.remove());

@@ -6,14 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from curation import blocklist
 from curation import records as R
 from curation.index import IndexConfig, build_index
+from curation.io import write_parquet
 from curation.layout import Lake, Partition
 from curation.metastore import AESTHETIC_RATINGS
 from curation.sample.lake import unit_vectors, write_partition
+from curation.saved_queries import SavedQuery, match_query
 from curation.search import Filters, Generation, SearchEngine
 from curation.subsets import SubsetDefinition, export_subset
 
@@ -34,6 +38,16 @@ def make_lake(root: Path, sizes: tuple[int, ...] = (1500, 1500), seed: int = 0) 
         vectors.update({int(u): v for u, v, s in zip(uids, x.astype(np.float16).astype(np.float32), survivor,
                                                      strict=True) if s})
     return vectors
+
+
+def take_down(root: Path, uids: list[int], list_name: str = "test-list") -> None:
+    """Write taken_down.parquet as an ingest does (TAKEN_DOWN_SCHEMA, atomically), holding exactly `uids`."""
+    n = len(uids)
+    write_parquet(pa.table({
+        R.UID: uids, R.CRAWL: [CRAWL] * n, R.SEGMENT: ["000"] * n, blocklist.LIST: [list_name] * n,
+        blocklist.KIND: [blocklist.KIND_UID] * n, blocklist.URL_SHA256: [None] * n, blocklist.HOST: [None] * n,
+        blocklist.MATCHED_UNIX: [1_700_000_000.0] * n}, schema=blocklist.TAKEN_DOWN_SCHEMA),
+        blocklist.taken_down_path(str(root)))
 
 
 def table(root: Path, stage: str) -> dict[int, dict[str, object]]:
@@ -214,3 +228,62 @@ def test_engine_picks_up_a_new_generation_and_never_returns_a_removed_uid(tmp_pa
     assert gone not in set(second.store.uids.tolist())
     for ranked in second.search(np.vstack([query, x[:5]]), 50):
         assert gone not in {int(second.store.uids[r]) for r, _ in ranked}
+
+
+def test_taken_down_uids_leave_every_search_at_once_and_return_when_lifted(tmp_path: Path) -> None:
+    vectors = make_lake(tmp_path, (600, 600), seed=3)
+    build_index(str(tmp_path), FLAT)
+    gen = Generation.load(str(tmp_path))
+    clip = table(tmp_path, "clip")
+    queries = unit_vectors(8, DIM, seed=13)
+    aesthetic = Filters(ranges=(("aesthetic", 5.0, None),))
+    passing = {u for u in vectors if clip[u][R.AESTHETIC] >= 5.0}
+
+    def uids(found: list[list[tuple[int, float]]]) -> list[list[int]]:
+        return [[int(gen.store.uids[r]) for r, _ in ranked] for ranked in found]
+
+    plain, filtered = uids(gen.search(queries, 10)), uids(gen.search(queries, 10, aesthetic))  # caches a selector
+    assert plain == [brute(vectors, q, 10) for q in queries]
+    assert filtered == [brute(vectors, q, 10, passing) for q in queries]
+    held = sorted({r[0] for r in plain} | {r[0] for r in filtered} | {plain[0][1]})
+    absent = [12345, next(u for u in table(tmp_path, "pairs") if u not in vectors)]  # not in this generation
+    take_down(tmp_path, held + absent)  # no rebuild, no reload: the same Generation object
+
+    blocked = gen.taken_down()
+    assert blocked.uids.tolist() == held and sorted(gen.store.uids[blocked.rows].tolist()) == held
+    assert gen.blocked_uids() == len(held) + 2 and gen.taken_down_by(absent[0]) == "test-list"
+    allowed = set(vectors) - set(held)
+    assert uids(gen.search(queries, 10)) == [brute(vectors, q, 10, allowed) for q in queries]
+    assert uids(gen.search(queries, 10, aesthetic)) == [brute(vectors, q, 10, allowed & passing) for q in queries]
+    assert all(len(r) == 10 for r in uids(gen.search(queries, 10)))
+    paged = uids(gen.search(queries[:1], 600))[0]  # clip-retrieval's id pages come from the same search
+    assert len(paged) == 600 and not set(paged) & set(held)
+    mask = gen.mask(Filters())
+    assert int(mask.sum()) == len(vectors) - len(held) and not mask[blocked.rows].any()
+    assert int(gen.mask(aesthetic).sum()) == len(passing - set(held))
+    saved = SavedQuery.from_vector(queries[0], gen.manifest, "image", Filters(), top_k=10)
+    assert match_query(str(tmp_path), saved).uids.tolist() == sorted(brute(vectors, queries[0], 10, allowed))
+
+    take_down(tmp_path, absent)  # a list whose uids the generation no longer holds: the plain path again
+    assert len(gen.taken_down()) == 0
+    assert uids(gen.search(queries, 10)) == plain and uids(gen.search(queries, 10, aesthetic)) == filtered
+    take_down(tmp_path, held)
+    assert uids(gen.search(queries, 10))[0][0] != plain[0][0]
+    Path(blocklist.taken_down_path(str(tmp_path))).unlink()
+    assert uids(gen.search(queries, 10)) == plain and uids(gen.search(queries, 10, aesthetic)) == filtered
+
+
+def test_ivf_search_excludes_taken_down_uids_with_k_hits(tmp_path: Path) -> None:
+    vectors = make_lake(tmp_path, (1500, 1500), seed=6)
+    assert build_index(str(tmp_path), IVF).family == "ivf_flat"
+    gen = Generation.load(str(tmp_path))
+    queries = unit_vectors(20, DIM, seed=17)
+    before = [[int(gen.store.uids[r]) for r, _ in ranked] for ranked in gen.search(queries, 10)]
+    held = sorted({u for ranked in before for u in ranked[:3]})  # each query's three best
+    take_down(tmp_path, held)
+    recalls = []
+    for q, ranked in zip(queries, gen.search(queries, 10), strict=True):
+        got = [int(gen.store.uids[r]) for r, _ in ranked]
+        assert len(got) == 10 and not set(got) & set(held)
+        recalls.append(len(set(got) & set(brute(vectors, q, 10, set(vectors) - set(held)))) / 10)
+    assert np.mean(recalls) >= 0.9, np.mean(recalls)

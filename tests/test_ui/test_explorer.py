@@ -24,7 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 from img2dataset.reader import Reader
 
+from curation import blocklist
 from curation import records as R
+from curation.io import write_parquet
 from curation.netguard import NetPolicy
 from curation.sample.server import SampleWebServer
 from curation.service import ServiceConfig
@@ -210,6 +212,29 @@ def test_provenance_panel_shows_the_wat_record_and_dedupe(page: Browser, server:
     assert provenance_cell(page, "dedupe", R.SURVIVOR) == survivor == "true"
     # a search result is in the index: kept at every stage
     assert page.evaluate("document.querySelector('#provenance .verdict h3').textContent") == "Kept"
+
+
+def test_provenance_of_a_result_taken_down_after_it_was_shown(page: Browser, server: Server,
+                                                               indexed_lake: Path) -> None:
+    cards = open_query(page, server, RED_CIRCLE)
+    uid = int(cards[0]["uid"])
+    row = _lake_row(indexed_lake, "pairs", uid)
+    write_parquet(pa.table({
+        R.UID: [uid], R.CRAWL: [row[R.CRAWL]], R.SEGMENT: [row[R.SEGMENT]], blocklist.LIST: ["court-order-7"],
+        blocklist.KIND: [blocklist.KIND_UID], blocklist.URL_SHA256: [blocklist.url_sha256(row[R.URL])],
+        blocklist.HOST: [blocklist.url_host(row[R.URL])], blocklist.MATCHED_UNIX: [1_712_345_678.5],
+    }, schema=blocklist.TAKEN_DOWN_SCHEMA), blocklist.taken_down_path(str(indexed_lake)))
+    try:  # the list is ingested while the page still shows the result: its provenance says only that
+        page.evaluate("document.querySelector('#grid .card button.explain').click()")
+        page.wait_for("document.querySelector('#provenance .verdict h3')?.textContent === 'Taken down'", 60)
+        page.screenshot(artifacts() / "explorer-taken-down.png")
+        assert page.evaluate("document.querySelector('#provenance .verdict .reason').textContent") == (
+            "by the takedown list court-order-7")
+        assert provenance_cell(page, "pairs", R.URL) is None
+        assert row[R.URL] not in page.evaluate("document.querySelector('#provenance').textContent")
+        assert str(uid) not in [c["uid"] for c in act(page, "document.querySelector('#search-form').requestSubmit()")]
+    finally:
+        Path(blocklist.taken_down_path(str(indexed_lake))).unlink(missing_ok=True)
 
 
 def _downloaded(folder: Path, suffix: str) -> Path:
