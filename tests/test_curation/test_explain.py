@@ -66,9 +66,13 @@ def _plain(explanation: dict[str, Any]) -> dict[str, Any]:
 def test_a_kept_sample_is_traced_to_its_wat_record(lake: Path, truth: dict[str, dict[str, Any]]) -> None:
     indexed = index_ids(str(lake)).column(R.UID).to_pylist()
     checked = 0
-    for uid in indexed[:5]:
+    for uid in indexed:
+        if checked == 5:
+            break
         e = _plain(explain(str(lake), uid))
         t = truth[e["url"]]
+        if t["occurrences"] != 1:
+            continue  # a link planted on several pages: truth names one of them, extraction keeps the first it reads
         assert (e["uid"], e["kept"], e["dropped_at"], e["reason"]) == (uid, True, None, None)
         assert all(e[s] is not None for s in SECTIONS), [s for s in SECTIONS if e[s] is None]
         assert e["caption"] == t["caption"] and e["pairs"][R.TEXT] == t["caption"]
