@@ -6,7 +6,8 @@ every query) never returns one, nor its metadata or image. `propagate` then remo
 they live, idempotently (a killed run is finished by the next one):
 
 - the partition tables keep one row per pair (so counts along the lineage still agree) but a hit keeps only its
-  uid, partition and status: `pairs` loses url, text, page url and record offset; `downloads` becomes status
+  uid, partition and status: `pairs` loses every other column (url, text, page, language, WAT file, record offset,
+  date); `downloads` becomes status
   `taken_down` with reason `takedown:<list>` and nothing else; `clip` likewise, every score, pHash and model field
   null, and the image and text embedding rows zeroed (the npy files keep their shape, so each file's atomic
   replacement alone is consistent); each touched table is replaced atomically, its marker rewritten last with the
@@ -52,7 +53,7 @@ from curation.layout import EMBEDDING_FILES, UIDS_FILE, Lake, Partition, join
 BRUTE_FORCE_PHASH_ENTRIES = 32
 # Columns a taken-down row keeps per table (everything else becomes null).
 KEEP_COLUMNS = {
-    "pairs": (R.UID, R.CRAWL, R.SEGMENT, R.LANGUAGE, R.LANGUAGE_SCORE, R.WAT_FILE, R.WARC_DATE),
+    "pairs": (R.UID, R.CRAWL, R.SEGMENT),
     "downloads": (R.UID, R.STATUS, R.REASON),
     "clip": (R.UID, R.STATUS, R.KEEP, R.REASON, R.CRAWL, R.SEGMENT),
 }
