@@ -31,7 +31,7 @@ def build_takedowns_asset(registry: str | None = None) -> dg.AssetsDefinition:
                            "zeroed, out of dedupe, the index and every subset release."),
             dg.AssetCheckSpec("inbox_lists_valid", asset=TAKEDOWNS_KEY,
                               description="Every file dropped into the inbox was a valid list (a refused one is "
-                                          "moved to takedowns/received/ with a .refused.txt saying why)."),
+                                          "moved to takedowns/refused/ with a .refused.txt saying why)."),
         ],
     )
     def takedowns(context: dg.AssetExecutionContext, lake: LakeResource) -> dg.MaterializeResult:

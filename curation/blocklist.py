@@ -73,7 +73,7 @@ LIST_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 TAKEDOWNS_DIR = "takedowns"
 INBOX_DIR = "inbox"
-RECEIVED_DIR = "received"  # inbox files move here once ingested
+REFUSED_DIR = "refused"  # inbox files that are not a valid list move here, with why
 LISTS_DIR = "lists"
 TAKEN_DOWN_FILE = "taken_down.parquet"
 PROPAGATION_FILE = "propagation.json"

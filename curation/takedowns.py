@@ -92,12 +92,13 @@ def ingest(lake_root: str, data: bytes, *, name: str, reason: str | None, source
 
 def ingest_inbox(lake_root: str) -> list[IngestResult]:
     """Ingest every file in `<lake>/takedowns/inbox/` (list name = file name without suffix, reason from its
-    `# reason:` line or `inbox`), then move it to `received/`. A refused file is moved to `received/` with a
-    `.refused.txt` beside it saying why, and the ListError re-raised after the others were ingested."""
+    `# reason:` line or `inbox`), then delete it: the store keeps its validated entries (URLs only as sha256) and its
+    content's sha256, never the file. A refused file moves to `refused/` with a `.refused.txt` beside it saying why,
+    and the ListError is re-raised after the others were ingested."""
     fs, inbox = io.filesystem(B.inbox_dir(lake_root))
     if not fs.exists(inbox):
         return []
-    received = join(B.takedowns_dir(lake_root), B.RECEIVED_DIR)
+    refused_dir = join(B.takedowns_dir(lake_root), B.REFUSED_DIR)
     out: list[IngestResult] = []
     refused: list[str] = []
     for path in sorted(str(p) for p in fs.ls(inbox, detail=False)):
@@ -112,8 +113,8 @@ def ingest_inbox(lake_root: str) -> list[IngestResult]:
             out.append(ingest(lake_root, data, name=stem[:64], reason=file_reason or "inbox", source=base))
         except B.ListError as exc:
             refused.append(str(exc))
-            io.write_bytes(f"{exc}\n".encode(), join(received, f"{base}.refused.txt"))
-        io.write_bytes(data, join(received, base))
+            io.write_bytes(data, join(refused_dir, base))
+            io.write_bytes(f"{exc}\n".encode(), join(refused_dir, f"{base}.refused.txt"))
         fs.rm(path)
     if refused:
         raise B.ListError("; ".join(refused))

@@ -49,8 +49,8 @@ def test_a_list_dropped_into_the_inbox_is_sensed_ingested_and_propagated(lake: P
     assert checks["takedowns_propagated"].passed
     assert not checks["inbox_lists_valid"].passed  # the broken file, named in the check's metadata
     assert "broken.txt" in str(checks["inbox_lists_valid"].metadata["refused"].value)
-    received = sorted(p.name for p in (lake / "takedowns" / "received").iterdir())
-    assert received == ["broken.txt", "broken.txt.refused.txt", "hotline-42.txt"]
+    refused = sorted(p.name for p in (lake / "takedowns" / "refused").iterdir())
+    assert refused == ["broken.txt", "broken.txt.refused.txt"]  # the ingested list is not kept as a file
     assert not list(inbox.iterdir())
 
     taken = B.taken_down(str(lake))
