@@ -62,9 +62,6 @@ KIND_CAPTION_KEYWORD = "caption_keyword"
 KIND_CAPTION_REGEX = "caption_regex"
 KINDS = (KIND_URL, KIND_URL_SHA256, KIND_IMAGE_SHA256, KIND_IMAGE_MD5, KIND_PHASH, KIND_HOST, KIND_UID,
          KIND_CAPTION_KEYWORD, KIND_CAPTION_REGEX)
-# Kinds decided from the pair alone (extraction, and before a download); the rest need the image or its scores.
-PAIR_KINDS = (KIND_URL_SHA256, KIND_HOST, KIND_UID)
-IMAGE_KINDS = (KIND_IMAGE_SHA256, KIND_IMAGE_MD5, KIND_PHASH)
 CAPTION_KINDS = (KIND_CAPTION_KEYWORD, KIND_CAPTION_REGEX)
 
 MAX_RADIUS = 16  # pHash bits; beyond ~12 of 64 unrelated images start to match
@@ -543,30 +540,48 @@ class CrawlBlocklist:
         return None
 
 
+@dataclass
+class Rules:
+    """Every ingested entry by kind, as matchers read them; `rank` orders lists (oldest first) for ties."""
+
+    rank: dict[str, int]
+    exact: dict[str, dict[Any, str]]  # url_sha256 / image_sha256 / image_md5 / uid -> value -> list (first list wins)
+    hosts: dict[str, str]
+    phash: list[tuple[int, int, str]]  # (hash as uint64 int, radius, list)
+    captions: list[tuple[str, str, str, re.Pattern[str], float | None]]  # list, kind, value, compiled, floor
+
+    @classmethod
+    def of(cls, lake_root: str) -> Rules:
+        records = list_records(lake_root)
+        rules = cls({r.name: i for i, r in enumerate(records)}, {k: {} for k in KINDS}, {}, [], [])
+        for row in entries(lake_root).to_pylist():
+            kind, value, name = row[KIND], row[VALUE], row[LIST]
+            if kind == KIND_HOST:
+                rules.hosts.setdefault(value, name)
+            elif kind == KIND_PHASH:
+                rules.phash.append((int(value, 16), int(row[RADIUS] or 0), name))
+            elif kind in CAPTION_KINDS:
+                pattern = re.compile(_caption_pattern(kind, value), re.IGNORECASE)
+                rules.captions.append((name, kind, value, pattern, row[MIN_PUNSAFE]))
+            else:
+                rules.exact[kind].setdefault(int(value) if kind == KIND_UID else value, name)
+        return rules
+
+
 def crawl_blocklist(lake_root: str) -> CrawlBlocklist:
-    """The lake's CrawlBlocklist (empty when nothing was ingested: one directory listing)."""
-    table = entries(lake_root)
-    if table.num_rows == 0 and not io.exists(taken_down_path(lake_root)):
+    """The lake's CrawlBlocklist: its Rules (caption rules with a punsafe floor need scores, so not at crawl time)
+    plus the URLs and uids of every row already taken down. Empty when nothing was ingested."""
+    if not list_records(lake_root) and not io.exists(taken_down_path(lake_root)):
         return CrawlBlocklist()
-    by: dict[str, dict[Any, str]] = {k: {} for k in KINDS}
-    captions, phashes = [], []
-    for row in table.to_pylist():
-        kind, value, name = row[KIND], row[VALUE], row[LIST]
-        if kind in CAPTION_KINDS:
-            if row[MIN_PUNSAFE] is None:
-                captions.append((name, kind, value))
-        elif kind == KIND_PHASH:
-            phashes.append((int(value, 16), int(row[RADIUS] or 0), name))
-        elif kind == KIND_UID:
-            by[kind].setdefault(int(value), name)
-        else:
-            by[kind].setdefault(value, name)
+    rules = Rules.of(lake_root)
+    urls, uids = dict(rules.exact[KIND_URL_SHA256]), dict(rules.exact[KIND_UID])
     done = taken_down(lake_root)
-    for digest, name in zip(done.column(URL_SHA256).to_pylist(), done.column(LIST).to_pylist(), strict=True):
+    for digest, uid, name in zip(done.column(URL_SHA256).to_pylist(), done.column(R.UID).to_pylist(),
+                                 done.column(LIST).to_pylist(), strict=True):
         if digest:
-            by[KIND_URL_SHA256].setdefault(digest, name)
-    for uid, name in zip(done.column(R.UID).to_pylist(), done.column(LIST).to_pylist(), strict=True):
-        by[KIND_UID].setdefault(int(uid), name)
-    return CrawlBlocklist(url_sha256=by[KIND_URL_SHA256], hosts=by[KIND_HOST], uids=by[KIND_UID],
-                          captions=tuple(captions), image_sha256=by[KIND_IMAGE_SHA256], image_md5=by[KIND_IMAGE_MD5],
-                          phash=tuple(phashes))
+            urls.setdefault(digest, name)
+        uids.setdefault(int(uid), name)
+    return CrawlBlocklist(url_sha256=urls, hosts=rules.hosts, uids=uids,
+                          captions=tuple((n, k, v) for n, k, v, _, floor in rules.captions if floor is None),
+                          image_sha256=rules.exact[KIND_IMAGE_SHA256], image_md5=rules.exact[KIND_IMAGE_MD5],
+                          phash=tuple(rules.phash))

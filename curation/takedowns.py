@@ -73,15 +73,16 @@ class IngestResult:
 
 
 def ingest(lake_root: str, data: bytes, *, name: str, reason: str | None, source: str,
-           default_kind: str | None = None) -> IngestResult:
-    """Validate and append a list, then match the lake (writing taken_down.parquet before returning).
+           default_kind: str | None = None, fallback_reason: str | None = None) -> IngestResult:
+    """Validate and append a list, then match the lake (writing taken_down.parquet before returning). The reason is
+    `reason`, else the file's `# reason:` line, else `fallback_reason`.
 
-    ListError (nothing stored) when any entry is invalid."""
+    ListError (nothing stored) when any entry is invalid or no reason is given."""
     B.check_list_name(name)
     if io.is_local(lake_root) and not os.path.isdir(io.filesystem(lake_root)[1]):
         raise FileNotFoundError(f"no lake at {lake_root}")
     entries, file_reason = B.parse_list(data, source, default_kind=default_kind)
-    why = (reason or file_reason or "").strip()
+    why = (reason or file_reason or fallback_reason or "").strip()
     if not why:
         raise B.ListError(f"{source}: give a reason (--reason, or a `# reason: ...` line in the file)")
     record, new = B.store_list(lake_root, entries, name=name, reason=why, source=source,
@@ -109,8 +110,7 @@ def ingest_inbox(lake_root: str) -> list[IngestResult]:
             data = f.read()
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(base)[0]).lstrip("._-") or "inbox"
         try:
-            _, file_reason = B.parse_list(data, base)
-            out.append(ingest(lake_root, data, name=stem[:64], reason=file_reason or "inbox", source=base))
+            out.append(ingest(lake_root, data, name=stem[:64], reason=None, source=base, fallback_reason="inbox"))
         except B.ListError as exc:
             refused.append(str(exc))
             io.write_bytes(data, join(refused_dir, base))
@@ -132,32 +132,6 @@ class MatchResult:
     seconds: float
 
 
-@dataclass
-class _Rules:
-    """The entries, prepared for vectorised matching; `rank` orders lists (oldest first) for ties."""
-
-    rank: dict[str, int]
-    exact: dict[str, dict[Any, str]]  # kind -> value -> list
-    hosts: dict[str, str]
-    phash: list[tuple[int, int, str]]
-    captions: list[tuple[str, str, str, re.Pattern[str], float | None]]  # list, kind, value, compiled, floor
-
-    @classmethod
-    def of(cls, lake_root: str) -> _Rules:
-        records = B.list_records(lake_root)
-        rules = cls({r.name: i for i, r in enumerate(records)}, {k: {} for k in B.KINDS}, {}, [], [])
-        for row in B.entries(lake_root).to_pylist():
-            kind, value, name = row[B.KIND], row[B.VALUE], row[B.LIST]
-            if kind == B.KIND_HOST:
-                rules.hosts.setdefault(value, name)
-            elif kind == B.KIND_PHASH:
-                rules.phash.append((int(value, 16), int(row[B.RADIUS] or 0), name))
-            elif kind in B.CAPTION_KINDS:
-                pattern = re.compile(B._caption_pattern(kind, value), re.IGNORECASE)
-                rules.captions.append((name, kind, value, pattern, row[B.MIN_PUNSAFE]))
-            else:
-                rules.exact[kind].setdefault(int(value) if kind == B.KIND_UID else value, name)
-        return rules
 
 
 def _column(table: pa.Table | None, name: str, n: int) -> list[Any]:
@@ -182,7 +156,7 @@ def _read_stage(lake: Lake, stage: str, part: Partition, columns: Sequence[str])
     return pq.read_table(p, columns=[c for c in columns if c in present], filesystem=fs)
 
 
-def _phash_hits(hashes: list[int | None], rules: _Rules) -> list[str | None]:
+def _phash_hits(hashes: list[int | None], rules: B.Rules) -> list[str | None]:
     out: list[str | None] = [None] * len(hashes)
     if not rules.phash:
         return out
@@ -218,7 +192,7 @@ def _hosts(urls: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.utf8_rtrim(pc.utf8_lower(found), characters=".")
 
 
-def _host_hits(columns: Sequence[pa.ChunkedArray], rules: _Rules, n: int) -> list[str | None]:
+def _host_hits(columns: Sequence[pa.ChunkedArray], rules: B.Rules, n: int) -> list[str | None]:
     """Per row, the blocked domain its URL's (or final URL's) host is or lies under. Decided once per distinct
     host (a lake holds far fewer hosts than rows), whatever the length of the host list."""
     out: list[str | None] = [None] * n
@@ -238,7 +212,7 @@ def _host_hits(columns: Sequence[pa.ChunkedArray], rules: _Rules, n: int) -> lis
     return out
 
 
-def _caption_hits(texts: pa.ChunkedArray, punsafe: list[Any], rules: _Rules) -> list[list[tuple[str, str]]]:
+def _caption_hits(texts: pa.ChunkedArray, punsafe: list[Any], rules: B.Rules) -> list[list[tuple[str, str]]]:
     """Per row, the (list, kind) of every caption rule it matches. Keyword rules are narrowed by a vectorised
     case-insensitive substring test first; regexes run on every caption (Python semantics, as written)."""
     out: list[list[tuple[str, str]]] = [[] for _ in range(len(texts))]
@@ -264,7 +238,7 @@ def _exact_hits(values: pa.ChunkedArray | pa.Array, table: Mapping[Any, str]) ->
     return pc.fill_null(pc.is_in(values, value_set=value_set), False).to_numpy(zero_copy_only=False)
 
 
-def _partition_hits(lake: Lake, part: Partition, rules: _Rules, done: set[int]) -> list[dict[str, Any]]:
+def _partition_hits(lake: Lake, part: Partition, rules: B.Rules, done: set[int]) -> list[dict[str, Any]]:
     """The rows of one partition some entry matches (first list wins, then the kind order of B.KINDS). Every kind is
     first decided vectorised over the columns; only candidate rows are looked at one by one."""
     pairs = _read_stage(lake, "pairs", part, (R.UID, R.URL, R.TEXT))
@@ -320,7 +294,7 @@ def match_lake(lake_root: str) -> MatchResult:
     lake = Lake(lake_root)
     before = B.taken_down(lake_root)
     done = set(before.column(R.UID).to_pylist())
-    rules = _Rules.of(lake_root)
+    rules = B.Rules.of(lake_root)
     now = round(time.time(), 3)
     hits: list[dict[str, Any]] = []
     if rules.rank:
@@ -724,10 +698,6 @@ def report(lake_root: str) -> dict[str, Any]:
                       "propagated": not pending,
                       "ingest_to_propagated_s": None if pending else p.get("ingest_to_propagated_s")})
     return {"lists": lists, "taken_down": table.num_rows}
-
-
-def report_json(lake_root: str) -> str:
-    return json.dumps(report(lake_root), indent=2, sort_keys=True)
 
 
 # ------------------------------------------------------------------------------------------------------ verify
